@@ -1,0 +1,232 @@
+"""Load a Z-Image DiT from any layout users hold, streamed tensor by tensor into a meta-initialised model.
+
+Layouts (detected from headers): the official diffusers shards (`transformer/` + index, or its first
+shard), a plain file in those names (musubi full fine-tunes), ComfyUI single files (fused qkv, with
+or without `model.diffusion_model.`), and ComfyUI fp8 files ("scaled fp8": a `scaled_fp8` marker and
+`<layer>.scale_weight`; the newer `<layer>.weight_scale` + `<layer>.comfy_quant`).
+
+dtype policy: everything is cast to the compute `dtype`, except, with `WeightFormat.FP8`, the large
+block Linear weights (attention qkv/out, FFN w1/w2/w3), which stay float8_e4m3fn with a float32
+per-row scale and are upcast per matmul. fp8 files are kept as stored under FP8, or dequantised
+(W = W8 · scale) otherwise. Loading is strict: a missing or unexpected key or a wrong shape is an
+error naming the file and the keys, raised from the headers before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import DiTConfig, WeightFormat
+from .dit import ZImageDiT
+from .keymaps import UNUSED_COMFY_KEYS, DiTLayout, find_prefix, join_key, split_key, to_canonical
+from .probe import FOREIGN_NAMES, ModelKind, classify
+from .safetensors_file import Header, TensorInfo, read_into, read_tensor
+from .sources import Source, open_source
+
+
+class QuantFormat(str, Enum):
+    NONE = "none"
+    SCALED_FP8 = "scaled_fp8"  # legacy ComfyUI: `scaled_fp8` marker + `<layer>.scale_weight`
+    COMFY_QUANT = "comfy_quant"  # newer ComfyUI: `<layer>.weight_scale` + `<layer>.comfy_quant` JSON
+
+
+_SCALE_LEAVES = {"scale_weight", "weight_scale"}
+_IGNORED_LEAVES = {"scale_input", "input_scale", "comfy_quant"}  # activation scales: we upcast weights instead
+_FP8_TARGETS = re.compile(
+    r"^(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])\.weight$"
+)
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One stored tensor feeding rows [part·n, (part+1)·n) of a canonical tensor."""
+
+    header: Header
+    key: str
+    info: TensorInfo
+    part: int = 0
+    parts: int = 1
+
+
+@dataclass
+class DiTPlan:
+    source: Source
+    layout: DiTLayout
+    quant: QuantFormat
+    prefix: str
+    config: DiTConfig
+    pieces: dict[str, list[Piece]]  # canonical key -> pieces
+    scales: dict[str, Piece] = field(default_factory=dict)  # stored key of an fp8 weight -> its scale
+    ignored: list[str] = field(default_factory=list)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: _joined_shape(k, ps) for k, ps in self.pieces.items()}
+
+    def param_count(self) -> int:
+        return sum(p.info.numel for ps in self.pieces.values() for p in ps)
+
+
+def plan_dit(path: str | Path | Source) -> DiTPlan:
+    """Detect layout and quantisation, map every stored key to ours and infer the config: headers only."""
+    src = path if isinstance(path, Source) else open_source(path, component="transformer")
+    tensors = src.tensors()
+    kind = classify(tensors)
+    if kind is not ModelKind.ZIMAGE_DIT:
+        raise ValueError(f"{src.path}: this is {FOREIGN_NAMES.get(kind, 'not a Z-Image DiT checkpoint')}, "
+                         "not a Z-Image DiT")
+    prefix = find_prefix(k for k in tensors if k != "scaled_fp8")
+    bare = {k.removeprefix(prefix): v for k, v in tensors.items()}
+    layout = DiTLayout.DIFFUSERS if "all_x_embedder.2-1.weight" in bare else DiTLayout.COMFY
+    quant = _quant_format(src, bare)
+    pieces: dict[str, list[Piece]] = defaultdict(list)
+    scales: dict[str, Piece] = {}
+    ignored: list[str] = []
+    for key, (header, info) in bare.items():
+        module, leaf = split_key(key)
+        if key == "scaled_fp8" or leaf in _IGNORED_LEAVES or (layout is DiTLayout.COMFY and key in UNUSED_COMFY_KEYS):
+            ignored.append(key)
+        elif leaf in _SCALE_LEAVES and quant is not QuantFormat.NONE:
+            scales[join_key(module, "weight")] = Piece(header, prefix + key, info)
+        else:
+            t = to_canonical(module, layout)
+            pieces[join_key(t.module, leaf)].append(Piece(header, prefix + key, info, t.part, t.parts))
+    orphans = sorted(set(scales) - set(bare))
+    if orphans:
+        raise ValueError(f"{src.path}: scales without a weight: {orphans[:5]}")
+    shapes = {k: _joined_shape(k, ps) for k, ps in pieces.items()}
+    plan = DiTPlan(src, layout, quant, prefix, DiTConfig.from_key_shapes(shapes), dict(pieces), scales, ignored)
+    _check_against_model(plan)
+    return plan
+
+
+def _quant_format(src: Source, bare: dict) -> QuantFormat:
+    if "scaled_fp8" in bare:
+        return QuantFormat.SCALED_FP8
+    quant_keys = [k for k in bare if k.endswith(".comfy_quant")]
+    if not quant_keys:
+        return QuantFormat.NONE
+    for key in quant_keys:
+        header, info = bare[key]
+        with open(header.path, "rb") as f:
+            spec = json.loads(bytes(read_tensor(f, info).numpy()).decode())
+        if spec.get("format") not in ("float8_e4m3fn", "float8_e5m2"):
+            raise ValueError(f"{header.path}: {key} uses quantisation format {spec.get('format')!r}; only "
+                             "float8 (float8_e4m3fn, float8_e5m2) files are supported")
+    return QuantFormat.COMFY_QUANT
+
+
+def _joined_shape(key: str, pieces: list[Piece]) -> tuple[int, ...]:
+    parts = pieces[0].parts
+    got = sorted(p.part for p in pieces)
+    if got != list(range(parts)) or len({p.info.shape for p in pieces}) != 1:
+        raise ValueError(f"{pieces[0].header.path}: {key} needs {parts} equal row blocks, found "
+                         f"{[(p.key, list(p.info.shape)) for p in pieces]}")
+    shape = pieces[0].info.shape
+    return (shape[0] * parts, *shape[1:]) if parts > 1 else shape
+
+
+def _check_against_model(plan: DiTPlan) -> None:
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in ZImageDiT(plan.config).state_dict().items()}
+    got = plan.shapes()
+    where = f"{plan.source.path} (detected {plan.layout.value} layout, {plan.config.n_layers} layers)"
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{where}: {len(missing)} missing keys e.g. {missing[:5]}, "
+                         f"{len(unexpected)} unexpected keys e.g. {[plan.pieces[k][0].key for k in unexpected[:5]]}")
+    wrong = [(k, got[k], expected[k]) for k in expected if got[k] != expected[k]]
+    if wrong:
+        raise ValueError(f"{where}: shape mismatch for {len(wrong)} keys, e.g. "
+                         + "; ".join(f"{k}: file {list(g)} vs model {list(e)}" for k, g, e in wrong[:5]))
+
+
+def load_dit(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,
+             weight_format: WeightFormat = WeightFormat.COMPUTE) -> ZImageDiT:
+    """Load a Z-Image DiT from a file, a sharded folder, an index or a shard; see the module docstring.
+
+    `dtype` is the compute dtype (fp32/bf16 on CPU, bf16/fp16 on CUDA, fp16 on MPS). Nothing holds a
+    second copy of the weights: each tensor is read into its final storage (or through one tensor-sized
+    buffer when it must be converted).
+    """
+    plan = plan_dit(path)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = ZImageDiT(plan.config)
+    shapes = plan.shapes()
+    pending: dict[str, _Assembly] = {}
+    for header in plan.source.headers:  # shard by shard, tensors in file order
+        jobs = [(k, p) for k, ps in plan.pieces.items() for p in ps if p.header is header]
+        with open(header.path, "rb") as f:
+            for key, piece in sorted(jobs, key=lambda j: j[1].info.start):
+                if key not in pending:
+                    fp8 = weight_format is WeightFormat.FP8 and _FP8_TARGETS.match(key)
+                    pending[key] = _Assembly(shapes[key], torch.float8_e4m3fn if fp8 else dtype, device)
+                scale = plan.scales.get(piece.key.removeprefix(plan.prefix))
+                pending[key].write(f, piece, None if scale is None else _read_small(scale))
+                if pending[key].done == piece.parts:
+                    _assign(model, key, pending.pop(key))
+    return model.eval().requires_grad_(False)
+
+
+class _Assembly:
+    """A canonical tensor being filled, one row block at a time, in its final storage dtype."""
+
+    def __init__(self, shape: tuple[int, ...], storage: torch.dtype, device: torch.device) -> None:
+        self.tensor = torch.empty(shape, dtype=storage, device=device)
+        self.scale = torch.empty(shape[0], 1, device=device) if storage == torch.float8_e4m3fn else None
+        self.done = 0
+
+    def write(self, f, piece: Piece, scale: torch.Tensor | None) -> None:
+        """Fill this piece's rows; `scale` is the stored fp8 scale (scalar or per row) if any."""
+        rows = slice(None)
+        if piece.parts > 1:
+            n = self.tensor.shape[0] // piece.parts
+            rows = slice(piece.part * n, (piece.part + 1) * n)
+        dst = self.tensor[rows]
+        if piece.info.dtype == dst.dtype and (scale is None or self.scale is not None):
+            if dst.device.type == "cpu":
+                read_into(f, piece.info, dst)  # straight into the final storage
+            else:
+                dst.copy_(read_tensor(f, piece.info))
+            if self.scale is not None:
+                self.scale[rows] = 1.0 if scale is None else _per_row(scale, dst.shape[0])
+        else:
+            w = read_tensor(f, piece.info)
+            if scale is not None:
+                w = w.float() * _per_row(scale, w.shape[0])
+            if self.scale is None:
+                dst.copy_(w)
+            else:  # quantise per output row
+                w = w.float()
+                s = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+                dst.copy_((w / s).clamp(-FP8_MAX, FP8_MAX))
+                self.scale[rows] = s
+        self.done += 1
+
+
+def _per_row(scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """A stored scale (scalar or one per output row) as a (rows, 1) float32 tensor."""
+    scale = scale.float()
+    return scale.reshape(-1, 1) if scale.numel() == rows else scale.reshape(()).expand(rows, 1)
+
+
+def _read_small(piece: Piece) -> torch.Tensor:
+    with open(piece.header.path, "rb") as f:
+        return read_tensor(f, piece.info)
+
+
+def _assign(model: nn.Module, key: str, asm: _Assembly) -> None:
+    module_path, leaf = split_key(key)
+    module = model.get_submodule(module_path)
+    module._parameters[leaf] = nn.Parameter(asm.tensor, requires_grad=False)
+    if asm.scale is not None:
+        module.scale_weight = asm.scale

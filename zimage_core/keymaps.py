@@ -1,0 +1,101 @@
+"""The one table of foreign Z-Image DiT names, for checkpoints and LoRAs alike (ZIMAGE_SPEC §2c).
+
+Our canonical names are ComfyUI's single-file keys (fused `attention.qkv`). The official/diffusers
+layout (also musubi-tuner, AI Toolkit, DiffSynth) splits q/k/v and renames five modules. Entries map
+*module paths*; a tensor key is a module path plus a leaf (`weight`, `bias`, `scale_weight`, …).
+A split module is one equal row block (`part` of `parts`) of the fused canonical weight:
+rows [part·n, (part+1)·n) with n = out_features / parts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+
+class DiTLayout(str, Enum):
+    COMFY = "comfy"  # ComfyUI single file: fused attention.qkv, x_embedder, final_layer (our names)
+    DIFFUSERS = "diffusers"  # official sharded release, musubi full fine-tunes: to_q/to_k/to_v, all_x_embedder.2-1
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a foreign module lands: canonical module path and its row block."""
+
+    module: str
+    part: int = 0
+    parts: int = 1
+
+
+BLOCK_PREFIXES = ("layers", "noise_refiner", "context_refiner")
+_BLOCK = re.compile(rf"^((?:{'|'.join(BLOCK_PREFIXES)})\.\d+)\.(.+)$")
+
+# diffusers module path inside a block -> canonical path inside the block, row block.
+_DIFFUSERS_BLOCK = {
+    "attention.to_q": Target("attention.qkv", 0, 3),
+    "attention.to_k": Target("attention.qkv", 1, 3),
+    "attention.to_v": Target("attention.qkv", 2, 3),
+    "attention.to_out.0": Target("attention.out"),
+    "attention.norm_q": Target("attention.q_norm"),
+    "attention.norm_k": Target("attention.k_norm"),
+}
+# diffusers top-level module path -> canonical path.
+_DIFFUSERS_TOP = {
+    "all_x_embedder.2-1": "x_embedder",
+    "all_final_layer.2-1.linear": "final_layer.linear",
+    "all_final_layer.2-1.adaLN_modulation.1": "final_layer.adaLN_modulation.1",
+}
+
+# Keys some ComfyUI single files carry that Z-Image never uses (a Lumina-2 leftover, ZIMAGE_SPEC §2b).
+UNUSED_COMFY_KEYS = frozenset({"norm_final.weight"})
+
+# Prefixes that wrap the DiT in other containers (ComfyUI all-in-one checkpoints, some trainers).
+DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """'layers.0.attention.qkv.weight' -> ('layers.0.attention.qkv', 'weight'); 'x_pad_token' -> ('', 'x_pad_token')."""
+    module, _, leaf = key.rpartition(".")
+    return module, leaf
+
+
+def join_key(module: str, leaf: str) -> str:
+    return f"{module}.{leaf}" if module else leaf
+
+
+def to_canonical(module: str, layout: DiTLayout) -> Target:
+    """Canonical target of a module path written in `layout`."""
+    if layout is DiTLayout.COMFY:
+        return Target(module)
+    if m := _BLOCK.match(module):
+        block, inner = m.groups()
+        t = _DIFFUSERS_BLOCK.get(inner, Target(inner))
+        return Target(f"{block}.{t.module}", t.part, t.parts)
+    return Target(_DIFFUSERS_TOP.get(module, module))
+
+
+_DIFFUSERS_BLOCK_INV: dict[str, list[str]] = {}
+for _name, _t in _DIFFUSERS_BLOCK.items():
+    _DIFFUSERS_BLOCK_INV.setdefault(_t.module, []).append(_name)
+_DIFFUSERS_TOP_INV = {v: k for k, v in _DIFFUSERS_TOP.items()}
+
+
+def from_canonical(module: str, layout: DiTLayout) -> list[tuple[str, Target]]:
+    """Module paths in `layout` that make up canonical `module`, each with its row block."""
+    if layout is DiTLayout.COMFY:
+        return [(module, Target(module))]
+    if m := _BLOCK.match(module):
+        block, inner = m.groups()
+        names = _DIFFUSERS_BLOCK_INV.get(inner, [inner])
+        return [(f"{block}.{n}", to_canonical(f"{block}.{n}", layout)) for n in names]
+    return [(_DIFFUSERS_TOP_INV.get(module, module), Target(module))]
+
+
+def find_prefix(keys, prefixes=DIT_PREFIXES) -> str:
+    """The container prefix shared by every key ('' if none)."""
+    keys = list(keys)
+    for p in prefixes:
+        if keys and all(k.startswith(p) for k in keys):
+            return p
+    return ""

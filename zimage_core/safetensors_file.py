@@ -1,0 +1,101 @@
+"""Reading safetensors files: a header-only probe, then tensors read straight into their destination.
+
+Only the safetensors format is read (never pickle). Tensors are read with plain file reads, not mmap,
+so a loaded model is the only copy of its weights in the process (page cache is not process memory).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+MAX_HEADER_BYTES = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class Header:
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def read_header(path: str | Path) -> Header:
+    """Parse and validate the header of a safetensors file; no tensor data is read."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(f"{path}: a pickle checkpoint ({path.suffix}); only .safetensors files are read, "
+                         "pickle files are never opened (convert it to safetensors first)")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 2 <= n <= min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"{path}: not a safetensors file (no valid header; {size} bytes)")
+        try:
+            raw = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
+    metadata = raw.pop("__metadata__", None) or {}
+    tensors = {name: _tensor_info(path, name, spec, 8 + n, size) for name, spec in raw.items()}
+    return Header(path, tensors, {str(k): str(v) for k, v in metadata.items()})
+
+
+def _tensor_info(path: Path, name: str, spec, base: int, size: int) -> TensorInfo:
+    try:
+        dtype = DTYPES[spec["dtype"]]
+        shape = tuple(int(s) for s in spec["shape"])
+        b, e = (int(o) for o in spec["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path}: tensor {name!r} has a malformed header entry {spec!r}") from None
+    info = TensorInfo(dtype, shape, base + b, base + e)
+    if e - b != info.numel * dtype.itemsize or b < 0:
+        raise ValueError(f"{path}: tensor {name!r} claims {e - b} bytes for shape {list(shape)} {spec['dtype']}")
+    if info.end > size:
+        raise ValueError(f"{path}: truncated file: tensor {name!r} ends at byte {info.end}, "
+                         f"but the file has only {size} bytes")
+    return info
+
+
+def read_into(f: BinaryIO, info: TensorInfo, out: torch.Tensor) -> torch.Tensor:
+    """Read one tensor's bytes into `out`, a contiguous CPU tensor of the same dtype and numel."""
+    buf = out.view(-1).view(torch.uint8).numpy()
+    f.seek(info.start)
+    if f.readinto(buf) != info.end - info.start:
+        raise ValueError(f"{getattr(f, 'name', '?')}: truncated file while reading bytes {info.start}..{info.end}")
+    return out
+
+
+def read_tensor(f: BinaryIO, info: TensorInfo) -> torch.Tensor:
+    return read_into(f, info, torch.empty(info.shape, dtype=info.dtype))
