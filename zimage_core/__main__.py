@@ -1,0 +1,5 @@
+"""`python -m zimage_core COMMAND …`; see cli.py."""
+
+from .cli import main
+
+raise SystemExit(main())

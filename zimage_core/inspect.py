@@ -1,0 +1,349 @@
+"""Describe a checkpoint from its safetensors headers: the logic of `python -m zimage_core inspect PATH`.
+
+`inspect(path)` tells what a file or folder is and how the loaders will read it: a Z-Image DiT in any
+layout `checkpoint.plan_dit` accepts, a Qwen3 text encoder, a Flux VAE, a LoRA in any ZIMAGE_SPEC §6
+key style, or a diffusers model root (one report per component folder). Foreign models (Flux, SDXL,
+Lumina-2) and unknown tensor files are reported with their kind, not refused. Only headers are read,
+plus tiny metadata tensors (ComfyUI `comfy_quant` JSON blobs, LoRA `alpha` scalars); pickle files are
+never opened. Unreadable input raises the loaders' own errors (ValueError / FileNotFoundError naming
+the file and the problem), because it goes through the same `sources.open_source` and `plan_dit`.
+
+Report: `path`, `kind` (a `probe.ModelKind` value, or "model_folder" with `components`), `layout`,
+`files`, `dtypes` (torch dtype name → tensor count), `parameters` (elements; fp8 scales and markers
+and LoRA alphas excluded), `config` (inferred from shapes: `DiTConfig.to_dict()`, HF Qwen3 fields,
+VAE channels, or the LoRA's adapter description) and `metadata` (safetensors `__metadata__`, values
+clipped). DiTs and text encoders add `quant` and `prefix`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from .checkpoint import plan_dit
+from .probe import ModelKind, classify
+from .safetensors_file import PICKLE_SUFFIXES, TensorInfo, read_tensor
+from .sources import Source, open_source
+
+Shapes = Mapping[str, Sequence[int]]
+
+COMPONENT_FOLDERS = ("transformer", "text_encoder", "vae")  # diffusers model root, in report order
+_QUANT_LEAVES = {"scaled_fp8", "scale_weight", "weight_scale", "weight_scale_2", "scale_input", "input_scale",
+                 "comfy_quant"}
+_METADATA_CHARS = 200
+
+
+def inspect(path: str | Path) -> dict:
+    """A JSON-ready description of the checkpoint at `path` (file, shard, index, folder or model root)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if _is_model_root(path):
+            return _model_folder(path)
+        _refuse_pickle_only(path)
+    return describe(open_source(path))
+
+
+def describe(src: Source) -> dict:
+    """The report for an opened (header-validated) checkpoint."""
+    tensors = src.tensors()
+    kind = classify(tensors)
+    details = _DESCRIBERS[kind](src) if kind in _DESCRIBERS else {}
+    report = {
+        "path": str(src.path),
+        "kind": kind.value,
+        "layout": details.pop("layout", None),
+        **{k: details.pop(k) for k in ("quant", "prefix") if k in details},
+        "files": [str(f) for f in src.files],
+        "dtypes": dict(sorted(Counter(_dtype_name(info) for _, info in tensors.values()).items())),
+        "parameters": sum(info.numel for k, (_, info) in tensors.items() if _is_parameter(k, kind)),
+        "config": details.pop("config", None),
+        **details,
+    }
+    if kind is ModelKind.UNKNOWN:
+        report["sample_keys"] = sorted(tensors)[:10]
+    report["metadata"] = {k: _clip(v) for k, v in sorted(src.metadata.items())}
+    return report
+
+
+# --- model roots -------------------------------------------------------------------------------------
+
+
+def _is_model_root(folder: Path) -> bool:
+    return (folder / "model_index.json").is_file() or any((folder / c).is_dir() for c in COMPONENT_FOLDERS)
+
+
+def _model_folder(root: Path) -> dict:
+    subs = [d for d in root.iterdir() if d.is_dir() and _weight_files(d)]
+    subs.sort(key=lambda d: (COMPONENT_FOLDERS.index(d.name) if d.name in COMPONENT_FOLDERS else 99, d.name))
+    if not subs:
+        raise ValueError(f"{root}: a model folder, but none of its subfolders holds .safetensors weights")
+    report = {"path": str(root), "kind": "model_folder"}
+    try:
+        report["pipeline"] = json.loads((root / "model_index.json").read_text())["_class_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # model_index.json is informative only; the weights are what gets loaded
+    report["components"] = {d.name: inspect(d) for d in subs}
+    return report
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return [f for f in folder.iterdir() if f.name.endswith(".safetensors") or f.suffix.lower() in PICKLE_SUFFIXES]
+
+
+def _refuse_pickle_only(folder: Path) -> None:
+    files = _weight_files(folder)
+    if files and not any(f.name.endswith(".safetensors") for f in files):
+        raise ValueError(f"{folder}: holds only pickle checkpoints {sorted(f.name for f in files)}; only "
+                         ".safetensors files are read, pickle files are never opened")
+
+
+# --- per kind ----------------------------------------------------------------------------------------
+
+
+def _dit(src: Source) -> dict:
+    plan = plan_dit(src)
+    return {
+        "layout": plan.layout.value,
+        "quant": plan.quant.value,
+        "prefix": plan.prefix,
+        "config": plan.config.to_dict(),
+        "ignored_keys": sorted(k for k in plan.ignored if _leaf(k) not in _QUANT_LEAVES),
+    }
+
+
+_TE_CHECKPOINT = re.compile(r"^text_encoders\.\w+\.transformer\.")  # ComfyUI all-in-one checkpoint
+
+
+def _text_encoder(src: Source) -> dict:
+    tensors = src.tensors()
+    container = next((m.group(0) for k in tensors if (m := _TE_CHECKPOINT.match(k))), "")
+    prefix = container + "model." if any(k.startswith(container + "model.layers.") for k in tensors) else container
+    layout = "comfy_checkpoint" if container else "hf" if prefix else "hf_no_prefix"
+    shapes = {k.removeprefix(prefix): info.shape for k, (_, info) in tensors.items() if k.startswith(prefix)}
+    config = text_encoder_config(shapes)
+    config["lm_head"] = f"{container}lm_head.weight" in tensors
+    return {"layout": layout, "quant": _quant(tensors), "prefix": prefix, "config": config}
+
+
+def text_encoder_config(shapes: Shapes) -> dict:
+    """HF config fields of a Qwen3 decoder, from shapes under bare names (`layers.0.self_attn.q_proj.weight`).
+
+    Head counts come from the per-head q_norm/k_norm width (Qwen3 stores head_dim nowhere else); a
+    decoder without them (not Qwen3) gets None there.
+    """
+    attn = "layers.0.self_attn."
+    head_dim = _dim(shapes, attn + "q_norm.weight", 0)
+    q_rows, kv_rows = _dim(shapes, attn + "q_proj.weight", 0), _dim(shapes, attn + "k_proj.weight", 0)
+    return {
+        "hidden_size": _dim(shapes, "embed_tokens.weight", 1) or _dim(shapes, attn + "q_proj.weight", 1),
+        "num_hidden_layers": _count_blocks(shapes, "layers"),
+        "num_attention_heads": q_rows // head_dim if q_rows and head_dim else None,
+        "num_key_value_heads": kv_rows // head_dim if kv_rows and head_dim else None,
+        "head_dim": head_dim,
+        "intermediate_size": _dim(shapes, "layers.0.mlp.gate_proj.weight", 0),
+        "vocab_size": _dim(shapes, "embed_tokens.weight", 0),
+    }
+
+
+def _vae(src: Source) -> dict:
+    tensors = src.tensors()
+    shapes = {k: info.shape for k, (_, info) in tensors.items()}
+    return {"layout": vae_layout(shapes), "quant": _quant(tensors), "config": vae_config(shapes)}
+
+
+# layout -> (encoder resnet, decoder resnet) conv1 weight templates; level i, resnet j
+_VAE_RESNETS = {
+    "bfl": ("encoder.down.{i}.block.{j}.conv1.weight", "decoder.up.{i}.block.{j}.conv1.weight"),
+    "diffusers": ("encoder.down_blocks.{i}.resnets.{j}.conv1.weight", "decoder.up_blocks.{i}.resnets.{j}.conv1.weight"),
+}
+
+
+def vae_layout(shapes: Shapes) -> str:
+    """"bfl" (ae.safetensors / ComfyUI: `encoder.down.N.block…`) or "diffusers" (`encoder.down_blocks…`)."""
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.", "decoder.mid_block."))
+           for k in shapes):
+        return "diffusers"
+    return "bfl"
+
+
+def vae_config(shapes: Shapes) -> dict:
+    """Channels of an AutoencoderKL from its shapes (diffusers names for the fields)."""
+    layout = vae_layout(shapes)
+    enc, dec = _VAE_RESNETS[layout]
+    channels = _series(shapes, enc, "i", j=0)
+    per_block = len(_series(shapes, enc, "j", i=0))
+    if not channels:  # decoder-only file (one more resnet per level); diffusers counts up blocks from the deepest
+        channels = _series(shapes, dec, "i", j=0)[:: -1 if layout == "diffusers" else 1]
+        per_block = len(_series(shapes, dec, "j", i=0)) - 1
+    latent = _dim(shapes, "decoder.conv_in.weight", 1) or (_dim(shapes, "encoder.conv_out.weight", 0) or 0) // 2
+    return {
+        "latent_channels": latent or None,
+        "block_out_channels": channels,
+        "layers_per_block": per_block if per_block > 0 else None,
+        "in_channels": _dim(shapes, "encoder.conv_in.weight", 1),
+        "out_channels": _dim(shapes, "decoder.conv_out.weight", 0),
+        "encoder": "encoder.conv_in.weight" in shapes,
+        "decoder": "decoder.conv_in.weight" in shapes,
+        "quant_conv": "quant_conv.weight" in shapes or "post_quant_conv.weight" in shapes,
+    }
+
+
+# --- LoRA ------------------------------------------------------------------------------------------
+
+_ADAPTER_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?P<leaf>lora_[AB](?:\.default)?\.weight|lora_(?:up|down|mid)\.weight|lora\.(?:up|down)\.weight"
+    r"|hada_(?:w[12]_[ab]|t[12])|lokr_(?:w[12](?:_[ab])?|t[12])|alpha|diff|diff_b|dora_scale)$"
+)
+_RANK_LEAVES = {"lora_A.weight", "lora_A.default.weight", "lora_down.weight", "lora.down.weight", "hada_w1_b",
+                "lokr_w1_b", "lokr_w2_b"}  # (rank, in_features, ...) factors
+_LORA_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "lora_unet_",
+                  "lycoris_", "lora_te1_", "lora_te2_", "lora_te_")
+_TARGETS = (  # on the bare module name with '.' written as '_'; first match wins
+    ("refiners", re.compile(r"^(noise|context)_refiner_\d+_")),
+    ("norms", re.compile(r"^layers_\d+_(attention|ffn)_norm")),
+    ("attention", re.compile(r"^layers_\d+_attention_")),
+    ("feed_forward", re.compile(r"^layers_\d+_feed_forward_")),
+    ("adaLN", re.compile(r"^layers_\d+_adaLN_modulation")),
+    ("embedders", re.compile(r"^(all_)?(x|cap|t)_embedder")),
+    ("final_layer", re.compile(r"^(all_)?final_layer")),
+)
+
+
+def _lora(src: Source) -> dict:
+    tensors = src.tensors()
+    modules: dict[str, dict[str, TensorInfo]] = defaultdict(dict)
+    unrecognised = 0
+    for key, (_, info) in tensors.items():
+        if m := _ADAPTER_KEY.match(key):
+            modules[m["module"]][m["leaf"]] = info
+        else:
+            unrecognised += 1
+    adapted = {name: leaves for name, leaves in modules.items() if any(map(_algorithm, leaves))}
+    prefixes = sorted({_split_prefix(name)[0] for name in adapted})
+    bare = {_split_prefix(name)[1].replace(".", "_"): name for name in adapted}
+    alphas = [k for k in tensors if k.endswith(".alpha")]
+    config = {
+        "algorithm": "+".join(sorted({a for leaves in adapted.values() for a in map(_algorithm, leaves) if a})),
+        "naming": "kohya" if any(p.startswith(("lora_", "lycoris_")) for p in prefixes) else "dotted",
+        "prefix": prefixes[0] if len(prefixes) == 1 else prefixes,
+        "peft_default": any(".default." in leaf for leaves in adapted.values() for leaf in leaves),
+        "attention": _attention_style(bare),
+        "ranks": sorted({int(info.shape[0]) for leaves in adapted.values() for leaf, info in leaves.items()
+                         if leaf in _RANK_LEAVES}),
+        "alpha": bool(alphas),
+        "alphas": sorted(set(_scalars(src, alphas))),
+        "modules": len(adapted),
+        "layers": len({m.group(1) for b in bare if (m := re.match(r"^layers_(\d+)_", b))}),
+        "targets": dict(sorted(Counter(_target(b, bare[b]) for b in bare).items())),
+        "diff": sum(k.endswith(".diff") for k in tensors),
+        "diff_b": sum(k.endswith(".diff_b") for k in tensors),
+        "unrecognised_keys": unrecognised,
+    }
+    return {"layout": _lora_layout(config, adapted), "config": config}
+
+
+def _algorithm(leaf: str) -> str | None:
+    if leaf.startswith(("lora_", "lora.")):
+        return "lora"
+    return {"hada_": "loha", "lokr_": "lokr"}.get(leaf[:5])
+
+
+def _lora_layout(config: dict, adapted: Mapping[str, Mapping[str, TensorInfo]]) -> str:
+    """kohya (`lora_unet_…` + lora_up/lora_down), peft (lora_A/lora_B), comfy (dotted lora_up/lora_down),
+    lora_dot (`.lora.up`/`.lora.down`), loha, lokr; several joined with '+'."""
+    if config["algorithm"] != "lora":
+        return config["algorithm"] or "none"
+    if config["naming"] == "kohya":
+        return "kohya"
+    styles = {"peft" if leaf.startswith("lora_A") or leaf.startswith("lora_B") else
+              "lora_dot" if leaf.startswith("lora.") else "comfy"
+              for leaves in adapted.values() for leaf in leaves if _algorithm(leaf)}
+    return "+".join(sorted(styles))
+
+
+def _split_prefix(module: str) -> tuple[str, str]:
+    prefix = ""
+    while p := next((p for p in _LORA_PREFIXES if module.startswith(p)), None):
+        prefix, module = prefix + p, module.removeprefix(p)
+    return prefix, module
+
+
+def _attention_style(bare_names) -> str:
+    fused = any(n.endswith("_attention_qkv") for n in bare_names)
+    split = any(re.search(r"_attention_to_[qkv]$", n) for n in bare_names)
+    return {(True, False): "fused_qkv", (False, True): "split_qkv", (True, True): "fused_qkv+split_qkv"}.get(
+        (fused, split), "none")
+
+
+def _target(bare: str, module: str) -> str:
+    if module.startswith("lora_te"):
+        return "text_encoder"
+    return next((name for name, pattern in _TARGETS if pattern.match(bare)), "other")
+
+
+def _scalars(src: Source, keys: list[str]) -> list[float]:
+    """Values of one-element tensors (LoRA alphas): a few bytes each, read file by file."""
+    tensors = src.tensors()
+    by_file: dict[Path, list[TensorInfo]] = defaultdict(list)
+    for k in keys:
+        header, info = tensors[k]
+        if info.numel == 1:
+            by_file[header.path].append(info)
+    values = []
+    for path, infos in by_file.items():
+        with open(path, "rb") as f:
+            values += [read_tensor(f, info).float().item() for info in sorted(infos, key=lambda i: i.start)]
+    return values
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+_DESCRIBERS: dict[ModelKind, Callable[[Source], dict]] = {
+    ModelKind.ZIMAGE_DIT: _dit,
+    ModelKind.TEXT_ENCODER: _text_encoder,
+    ModelKind.VAE: _vae,
+    ModelKind.LORA: _lora,
+}
+
+
+def _leaf(key: str) -> str:
+    return key.rpartition(".")[2]
+
+
+def _is_parameter(key: str, kind: ModelKind) -> bool:
+    leaf = _leaf(key)
+    return leaf not in _QUANT_LEAVES and not (kind is ModelKind.LORA and leaf == "alpha")
+
+
+def _quant(tensors: Mapping) -> str:
+    leaves = {_leaf(k) for k in tensors}
+    return "scaled_fp8" if "scaled_fp8" in leaves else "comfy_quant" if "comfy_quant" in leaves else "none"
+
+
+def _dtype_name(info: TensorInfo) -> str:
+    return str(info.dtype).removeprefix("torch.")
+
+
+def _dim(shapes: Shapes, key: str, axis: int) -> int | None:
+    shape = shapes.get(key)
+    return int(shape[axis]) if shape is not None and len(shape) > axis else None
+
+
+def _count_blocks(shapes: Shapes, prefix: str) -> int:
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    return len({m.group(1) for k in shapes if (m := pattern.match(k))})
+
+
+def _series(shapes: Shapes, template: str, vary: str, **fixed: int) -> list[int]:
+    """shape[0] of `template` with `vary` = 0, 1, … for as long as the key exists."""
+    out: list[int] = []
+    while (shape := shapes.get(template.format(**{vary: len(out)}, **fixed))) is not None:
+        out.append(int(shape[0]))
+    return out
+
+
+def _clip(value: str) -> str:
+    return value if len(value) <= _METADATA_CHARS else value[:_METADATA_CHARS] + f"… ({len(value)} chars)"
