@@ -103,7 +103,12 @@ def plan_dit(path: str | Path | Source) -> DiTPlan:
     if orphans:
         raise ValueError(f"{src.path}: scales without a weight: {orphans[:5]}")
     shapes = {k: _joined_shape(k, ps) for k, ps in pieces.items()}
-    plan = DiTPlan(src, layout, quant, prefix, DiTConfig.from_key_shapes(shapes), dict(pieces), scales, ignored)
+    try:
+        config = DiTConfig.from_key_shapes(shapes)
+    except (KeyError, ValueError) as e:  # a key the config is read from is missing or malformed
+        raise ValueError(f"{src.path}: cannot infer the DiT config: "
+                         f"{f'missing key {e}' if isinstance(e, KeyError) else e}") from None
+    plan = DiTPlan(src, layout, quant, prefix, config, dict(pieces), scales, ignored)
     _check_against_model(plan)
     return plan
 

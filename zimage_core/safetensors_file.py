@@ -23,6 +23,9 @@ DTYPES = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 100 * 2**20
+# First bytes of pickle checkpoints saved under a .safetensors name (told apart, never opened).
+_PICKLE_LOOKS = {b"PK": "a PyTorch zip/pickle checkpoint, which is never opened",
+                 **{bytes([0x80, v]): "a pickle file, which is never opened" for v in range(2, 6)}}
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,8 @@ def read_header(path: str | Path) -> Header:
         head = f.read(8)
         n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
         if not 2 <= n <= min(size - 8, MAX_HEADER_BYTES):
-            raise ValueError(f"{path}: not a safetensors file (no valid header; {size} bytes)")
+            looks = _PICKLE_LOOKS.get(head[:2], "no valid header")
+            raise ValueError(f"{path}: not a safetensors file ({looks}; {size} bytes)")
         try:
             raw = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
