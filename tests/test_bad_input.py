@@ -17,6 +17,7 @@ pickle, or lets a KeyError/struct.error/traceback escape instead of naming the f
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import shutil
 import subprocess
@@ -72,7 +73,6 @@ def error_of(call, exc_type: type[Exception], *parts: str) -> str:
     with pytest.raises(exc_type) as info:
         call()
     message = str(info.value)
-    print(f"{type(info.value).__name__}: {message}")
     assert "\n" not in message
     for part in parts:
         assert part in message, f"{part!r} not in {message!r}"
@@ -163,20 +163,30 @@ class Trap:
         return open, (str(self.marker), "w")
 
 
-@pytest.mark.parametrize("name", ["model.pt", "model.safetensors"])
-def test_pickle_is_never_unpickled(tmp_path, reads, name):
+@pytest.mark.parametrize("name, problem", [
+    ("model.pt", "a pickle checkpoint (.pt)"),
+    ("model.safetensors", "not a safetensors file (a PyTorch zip/pickle checkpoint"),
+    ("raw_pickle.safetensors", "not a safetensors file (a pickle file"),
+])  # fmt: skip
+def test_pickle_is_never_unpickled(tmp_path, reads, name, problem):
     marker = tmp_path / "unpickled"
     path = tmp_path / name
-    torch.save({"x_embedder.weight": torch.zeros(2), "trap": Trap(marker)}, path)
-    problem = "a pickle checkpoint (.pt)" if name.endswith(".pt") else "not a safetensors file"
+    obj = {"x_embedder.weight": torch.zeros(2), "trap": Trap(marker)}
+    if name.startswith("raw"):
+        path.write_bytes(pickle.dumps(obj))
+    else:
+        torch.save(obj, path)
     error_of(lambda: load_dit(path), ValueError, str(path), problem)
     error_of(lambda: inspect(path), ValueError, str(path), problem)
     error_of(lambda: inspect(tmp_path), ValueError, str(tmp_path))  # a folder of only this file
     assert cli.main(["inspect", str(path)]) == 2
     assert not marker.exists() and reads == []
 
-    control = shutil.copy(path, tmp_path / "control.pt")  # torch.load reads a .safetensors name as safetensors
-    torch.load(control, weights_only=False)  # the control: the trap is armed
+    # The control: the trap is armed. (torch.load would read a .safetensors name as safetensors.)
+    if name.startswith("raw"):
+        pickle.loads(path.read_bytes())
+    else:
+        torch.load(shutil.copy(path, tmp_path / "control.pt"), weights_only=False)
     assert marker.exists()
 
 
@@ -209,6 +219,18 @@ def test_comfy_file_with_wrong_keys_or_shapes(tmp_path, comfy_sd, reads, change,
     save_file(comfy_sd, path)
     error_of(lambda: load_dit(path), ValueError, str(path), *parts)
     error_of(lambda: inspect(path), ValueError, str(path), *parts)
+    assert reads == []
+
+
+@pytest.mark.parametrize("key", [
+    "x_embedder.weight", "layers.0.attention.q_norm.weight", "layers.0.feed_forward.w1.weight",
+])  # fmt: skip
+def test_missing_a_key_the_config_is_read_from(tmp_path, comfy_sd, reads, key):
+    del comfy_sd[key]
+    path = tmp_path / "z_image_turbo_bf16.safetensors"
+    save_file(comfy_sd, path)
+    error_of(lambda: load_dit(path), ValueError, str(path), "cannot infer the DiT config", key)
+    assert cli.main(["inspect", str(path)]) == 2
     assert reads == []
 
 

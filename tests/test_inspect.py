@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import zimage_fixtures as zf
 from zimage_core import checkpoint, safetensors_file
@@ -397,8 +398,7 @@ FOREIGN = {
                  "single_blocks.0.linear1.weight": [28, 4], "img_in.weight": [4, 8], "time_in.in_layer.weight": [4, 8]},
     "sdxl_unet": {"model.diffusion_model.input_blocks.0.0.weight": [8, 4, 3, 3],
                   "model.diffusion_model.time_embed.0.weight": [16, 8],
-                  "model.diffusion_model.out.2.weight": [4, 8, 3, 3],
-                  "first_stage_model.decoder.conv_in.weight": [8, 4, 3, 3]},
+                  "model.diffusion_model.out.2.weight": [4, 8, 3, 3]},
     "lumina2_dit": {"cap_embedder.1.weight": [8, 4], "x_embedder.weight": [8, 16],
                     "layers.0.adaLN_modulation.1.weight": [32, 8], "layers.0.attention.qkv.weight": [24, 8]},
     "unknown": {"encoder.block.0.layer.0.SelfAttention.q.weight": [8, 8], "shared.weight": [10, 8]},
@@ -417,19 +417,16 @@ def test_foreign_and_unknown_models_are_named_not_refused(tmp_path, reads, kind)
     assert reads == []
 
 
-def test_model_root_reports_each_component(dit, text_encoder, vae):
-    root = dit[0] / "root"  # holds transformer/ (3 shards + index) from the dit fixture
+def test_model_root_reports_each_component(tmp_path, dit, text_encoder, vae):
+    root = tmp_path / "Z-Image-Turbo"
+    shutil.copytree(dit[0] / "root" / "transformer", root / "transformer")  # 3 shards + index
+    shutil.copytree(text_encoder[0] / "text_encoder", root / "text_encoder")  # 2 shards + index
+    (root / "vae").mkdir()
+    shutil.copy(vae[0] / "diffusion_pytorch_model.safetensors", root / "vae")
+    (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "tokenizer.json").write_text("{}")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline",
                                                        "vae": ["diffusers", "AutoencoderKL"]}))
-    (root / "tokenizer").mkdir(exist_ok=True)
-    (root / "tokenizer" / "tokenizer.json").write_text("{}")
-    te = root / "text_encoder"
-    te.mkdir(exist_ok=True)
-    for f in (text_encoder[0] / "text_encoder").iterdir():
-        (te / f.name).write_bytes(f.read_bytes())
-    (root / "vae").mkdir(exist_ok=True)
-    (root / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(
-        (vae[0] / "diffusion_pytorch_model.safetensors").read_bytes())
 
     r = run_cli(root)
     assert (r["kind"], r["pipeline"]) == ("model_folder", "ZImagePipeline")
@@ -440,6 +437,32 @@ def test_model_root_reports_each_component(dit, text_encoder, vae):
     assert parts["transformer"]["config"] == TINY_DIT_CONFIG
     assert parts["text_encoder"]["config"] == {**TINY_TE, "lm_head": False}
     assert parts["vae"]["config"]["block_out_channels"] == [32, 64]
+
+
+def test_comfy_all_in_one_checkpoint(tmp_path, dit, text_encoder, vae, reads):
+    """ComfyUI's CheckpointLoaderSimple layout for Z-Image: model.diffusion_model., text_encoders.qwen3_4b., vae."""
+    parts = {"model.diffusion_model.": load_file(dit[0] / "scaled_fp8.safetensors"),
+             "text_encoders.qwen3_4b.transformer.": load_file(text_encoder[0] / "qwen_3_4b.safetensors"),
+             "vae.": load_file(vae[0] / "ae.safetensors")}
+    sd = {prefix + k: v for prefix, part in parts.items() for k, v in part.items()}
+    sd["scaled_fp8"] = sd.pop("model.diffusion_model.scaled_fp8")  # the marker may sit at the top level
+    path = tmp_path / "z_image_turbo_aio_fp8.safetensors"
+    save_file(sd, path)
+
+    r = inspect(path)
+    assert r["kind"] == "checkpoint" and r["other_keys"] == 0
+    parts = r["components"]
+    assert list(parts) == ["diffusion_model", "text_encoder", "vae"]
+    assert [(p["kind"], p["layout"]) for p in parts.values()] == [
+        ("zimage_dit", "comfy"), ("text_encoder", "comfy_checkpoint"), ("vae", "bfl")]
+    dit_part = parts["diffusion_model"]
+    assert (dit_part["quant"], dit_part["prefix"], dit_part["parameters"]) == (
+        "scaled_fp8", "model.diffusion_model.", dit[1] + DIM)
+    assert parts["text_encoder"]["config"] == {**TINY_TE, "lm_head": False}
+    assert parts["vae"]["config"]["block_out_channels"] == [32, 64]
+    assert r["parameters"] == dit[1] + DIM + text_encoder[1] + vae[1]
+    assert r["dtypes"] == dict(Counter(str(v.dtype).removeprefix("torch.") for v in sd.values()))
+    assert reads == []
 
 
 def test_inspect_is_exported_by_the_package():

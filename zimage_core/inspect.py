@@ -2,13 +2,14 @@
 
 `inspect(path)` tells what a file or folder is and how the loaders will read it: a Z-Image DiT in any
 layout `checkpoint.plan_dit` accepts, a Qwen3 text encoder, a Flux VAE, a LoRA in any ZIMAGE_SPEC §6
-key style, or a diffusers model root (one report per component folder). Foreign models (Flux, SDXL,
+key style, a diffusers model root or a ComfyUI all-in-one checkpoint. Foreign models (Flux, SDXL,
 Lumina-2) and unknown tensor files are reported with their kind, not refused. Only headers are read,
 plus tiny metadata tensors (ComfyUI `comfy_quant` JSON blobs, LoRA `alpha` scalars); pickle files are
 never opened. Unreadable input raises the loaders' own errors (ValueError / FileNotFoundError naming
 the file and the problem), because it goes through the same `sources.open_source` and `plan_dit`.
 
-Report: `path`, `kind` (a `probe.ModelKind` value, or "model_folder" with `components`), `layout`,
+Report: `path`, `kind` (a `probe.ModelKind` value; or "model_folder" for a diffusers root and
+"checkpoint" for a ComfyUI all-in-one file, each with one report per part in `components`), `layout`,
 `files`, `dtypes` (torch dtype name → tensor count), `parameters` (elements; fp8 scales and markers
 and LoRA alphas excluded), `config` (inferred from shapes: `DiTConfig.to_dict()`, HF Qwen3 fields,
 VAE channels, or the LoRA's adapter description) and `metadata` (safetensors `__metadata__`, values
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from .checkpoint import plan_dit
 from .probe import ModelKind, classify
-from .safetensors_file import PICKLE_SUFFIXES, TensorInfo, read_tensor
+from .safetensors_file import PICKLE_SUFFIXES, Header, TensorInfo, read_tensor
 from .sources import Source, open_source
 
 Shapes = Mapping[str, Sequence[int]]
@@ -48,6 +49,8 @@ def inspect(path: str | Path) -> dict:
 
 def describe(src: Source) -> dict:
     """The report for an opened (header-validated) checkpoint."""
+    if parts := _checkpoint_parts(src):
+        return _checkpoint(src, parts)
     tensors = src.tensors()
     kind = classify(tensors)
     details = _DESCRIBERS[kind](src) if kind in _DESCRIBERS else {}
@@ -57,7 +60,7 @@ def describe(src: Source) -> dict:
         "layout": details.pop("layout", None),
         **{k: details.pop(k) for k in ("quant", "prefix") if k in details},
         "files": [str(f) for f in src.files],
-        "dtypes": dict(sorted(Counter(_dtype_name(info) for _, info in tensors.values()).items())),
+        "dtypes": _dtypes(tensors),
         "parameters": sum(info.numel for k, (_, info) in tensors.items() if _is_parameter(k, kind)),
         "config": details.pop("config", None),
         **details,
@@ -98,6 +101,64 @@ def _refuse_pickle_only(folder: Path) -> None:
     if files and not any(f.name.endswith(".safetensors") for f in files):
         raise ValueError(f"{folder}: holds only pickle checkpoints {sorted(f.name for f in files)}; only "
                          ".safetensors files are read, pickle files are never opened")
+
+
+# --- ComfyUI all-in-one checkpoints ---------------------------------------------------------------------
+
+# part -> container prefixes (ComfyUI's CheckpointLoaderSimple layout: supported_models + sd.py)
+_CONTAINERS = {
+    "diffusion_model": ("model.diffusion_model.",),
+    "text_encoder": ("text_encoders.", "cond_stage_model.", "conditioner."),
+    "vae": ("first_stage_model.", "vae."),
+}
+
+
+def _checkpoint_parts(src: Source) -> dict[str, Source]:
+    """Each part of a file holding two or more containers, as its own Source ({} for a one-model file).
+
+    VAE keys lose their container prefix (VAE names are told apart bare); DiT and text-encoder readers
+    handle their prefixes themselves. A top-level `scaled_fp8` marker belongs to the diffusion model.
+    """
+    names: dict[str, dict[str, str]] = defaultdict(dict)  # part -> stored key -> key the part's reader sees
+    for key in src.tensors():
+        part, prefix = _container(key)
+        if part is not None:
+            names[part][key] = key.removeprefix(prefix) if part == "vae" else key
+    if len(names) < 2:
+        return {}
+
+    def part_source(keys: dict[str, str]) -> Source:
+        headers = [Header(h.path, {keys[k]: i for k, i in h.tensors.items() if k in keys}, h.metadata)
+                   for h in src.headers]
+        return Source(src.path, tuple(h for h in headers if h.tensors))
+
+    return {part: part_source(names[part]) for part in _CONTAINERS if part in names}
+
+
+def _container(key: str) -> tuple[str | None, str]:
+    if key == "scaled_fp8":
+        return "diffusion_model", ""
+    for part, prefixes in _CONTAINERS.items():
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                return part, prefix
+    return None, ""
+
+
+def _checkpoint(src: Source, parts: dict[str, Source]) -> dict:
+    tensors = src.tensors()
+    # The file's metadata is reported once, at the top.
+    components = {part: {k: v for k, v in describe(sub).items() if k != "metadata"} for part, sub in parts.items()}
+    return {
+        "path": str(src.path),
+        "kind": "checkpoint",
+        "files": [str(f) for f in src.files],
+        "dtypes": _dtypes(tensors),
+        "parameters": sum(c.get("parameters", 0) for c in components.values()),
+        "components": components,
+        "other_keys": len(tensors) - sum(len(sub.tensors()) for sub in parts.values()),
+        "metadata": {k: _clip(v) for k, v in sorted(src.metadata.items())},
+    }
 
 
 # --- per kind ----------------------------------------------------------------------------------------
@@ -258,8 +319,7 @@ def _lora_layout(config: dict, adapted: Mapping[str, Mapping[str, TensorInfo]]) 
         return config["algorithm"] or "none"
     if config["naming"] == "kohya":
         return "kohya"
-    styles = {"peft" if leaf.startswith("lora_A") or leaf.startswith("lora_B") else
-              "lora_dot" if leaf.startswith("lora.") else "comfy"
+    styles = {"peft" if leaf.startswith(("lora_A", "lora_B")) else "lora_dot" if leaf.startswith("lora.") else "comfy"
               for leaves in adapted.values() for leaf in leaves if _algorithm(leaf)}
     return "+".join(sorted(styles))
 
@@ -274,8 +334,7 @@ def _split_prefix(module: str) -> tuple[str, str]:
 def _attention_style(bare_names) -> str:
     fused = any(n.endswith("_attention_qkv") for n in bare_names)
     split = any(re.search(r"_attention_to_[qkv]$", n) for n in bare_names)
-    return {(True, False): "fused_qkv", (False, True): "split_qkv", (True, True): "fused_qkv+split_qkv"}.get(
-        (fused, split), "none")
+    return "+".join(name for name, found in (("fused_qkv", fused), ("split_qkv", split)) if found) or "none"
 
 
 def _target(bare: str, module: str) -> str:
@@ -302,11 +361,7 @@ def _scalars(src: Source, keys: list[str]) -> list[float]:
 # --- helpers -----------------------------------------------------------------------------------------
 
 _DESCRIBERS: dict[ModelKind, Callable[[Source], dict]] = {
-    ModelKind.ZIMAGE_DIT: _dit,
-    ModelKind.TEXT_ENCODER: _text_encoder,
-    ModelKind.VAE: _vae,
-    ModelKind.LORA: _lora,
-}
+    ModelKind.ZIMAGE_DIT: _dit, ModelKind.TEXT_ENCODER: _text_encoder, ModelKind.VAE: _vae, ModelKind.LORA: _lora}
 
 
 def _leaf(key: str) -> str:
@@ -323,8 +378,9 @@ def _quant(tensors: Mapping) -> str:
     return "scaled_fp8" if "scaled_fp8" in leaves else "comfy_quant" if "comfy_quant" in leaves else "none"
 
 
-def _dtype_name(info: TensorInfo) -> str:
-    return str(info.dtype).removeprefix("torch.")
+def _dtypes(tensors: Mapping[str, tuple[Header, TensorInfo]]) -> dict[str, int]:
+    """torch dtype name (without `torch.`) -> number of tensors."""
+    return dict(sorted(Counter(str(info.dtype).removeprefix("torch.") for _, info in tensors.values()).items()))
 
 
 def _dim(shapes: Shapes, key: str, axis: int) -> int | None:
