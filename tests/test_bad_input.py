@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 import zimage_fixtures as zf
 from zimage_core import checkpoint, cli, load_dit, safetensors_file
-from zimage_core.inspect import inspect
+from zimage_core.inspection import inspect
 
 REPO = Path(__file__).resolve().parent.parent
 SHARD = "diffusion_pytorch_model-{i:05d}-of-00003.safetensors"

@@ -2,7 +2,8 @@
 
 Locks in: layout detection from headers (official shards given as model root, transformer folder,
 index or first shard; a plain diffusers-named file as musubi saves; ComfyUI single files with or
-without `model.diffusion_model.` and `norm_final.weight`; legacy scaled fp8; comfy_quant fp8),
+without `model.diffusion_model.` and `norm_final.weight`, and the DiT part of an all-in-one
+checkpoint; legacy scaled fp8; comfy_quant fp8),
 the fused/split qkv rename table, zero-copy streaming into the final storage, and the fp8 weight
 format (kept in float8 with its scale, upcast per matmul). Breaks if a layout is misdetected, a key
 is renamed wrongly, a weight is copied twice, or fp8 scales are applied wrongly.
@@ -44,6 +45,9 @@ def files(weights, tmp_path_factory):
     save_file(comfy, d / "z_image_comfy.safetensors")
     save_file({f"model.diffusion_model.{k}": v for k, v in comfy.items()}, d / "z_image_prefixed.safetensors")
     save_file({k: v for k, v in comfy.items() if k != "norm_final.weight"}, d / "z_image_no_norm_final.safetensors")
+    save_file({**{f"model.diffusion_model.{k}": v for k, v in comfy.items()},  # ComfyUI all-in-one checkpoint
+               "text_encoders.qwen3_4b.transformer.model.norm.weight": torch.ones(64),
+               "vae.decoder.conv_in.weight": torch.zeros(512, 16, 3, 3)}, d / "z_image_all_in_one.safetensors")
     save_file(scaled_fp8_state_dict(comfy), d / "z_image_scaled_fp8.safetensors")
     save_file(comfy_quant_state_dict(comfy), d / "z_image_comfy_quant.safetensors")
     return d
@@ -61,6 +65,7 @@ def state(model) -> dict[str, torch.Tensor]:
     ("z_image_comfy.safetensors", DiTLayout.COMFY),
     ("z_image_prefixed.safetensors", DiTLayout.COMFY),
     ("z_image_no_norm_final.safetensors", DiTLayout.COMFY),
+    ("z_image_all_in_one.safetensors", DiTLayout.COMFY),
 ])
 def test_fp32_layouts_load_bit_identical(files, weights, rel, layout):
     assert plan_dit(files / rel).layout is layout

@@ -1,4 +1,4 @@
-"""Locks in `python -m zimage_core inspect` / `zimage_core.inspect.inspect`: what it says about each real layout.
+"""Locks in `python -m zimage_core inspect` / `zimage_core.inspection.inspect`: what it says about each real layout.
 
 Tiny files with the real key names, written here: the DiT (diffusers shards, ComfyUI, ComfyUI under
 `model.diffusion_model.`, scaled fp8, comfy_quant fp8), a Qwen3 text encoder from `transformers` (one
@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 import zimage_fixtures as zf
 from zimage_core import checkpoint, safetensors_file
-from zimage_core.inspect import inspect, text_encoder_config, vae_config
+from zimage_core.inspection import inspect, text_encoder_config, vae_config
 
 REPO = Path(__file__).resolve().parent.parent
 KEYS = Path(__file__).parent / "fixtures" / "keys"
@@ -468,5 +468,4 @@ def test_comfy_all_in_one_checkpoint(tmp_path, dit, text_encoder, vae, reads):
 def test_inspect_is_exported_by_the_package():
     import zimage_core
 
-    # `zimage_core.inspect` is the function (it shadows the submodule attribute); the module stays importable.
-    assert zimage_core.inspect is importlib.import_module("zimage_core.inspect").inspect is inspect
+    assert zimage_core.inspect is importlib.import_module("zimage_core.inspection").inspect is inspect

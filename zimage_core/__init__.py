@@ -9,7 +9,7 @@ Public API (see README "Python API"):
 from .checkpoint import DiTPlan, QuantFormat, load_dit, plan_dit
 from .config import Z_IMAGE_6B, DiTConfig, WeightFormat
 from .dit import ZImageDiT
-from .inspect import inspect
+from .inspection import inspect
 from .keymaps import DiTLayout
 
 __all__ = ["DiTConfig", "DiTLayout", "DiTPlan", "QuantFormat", "WeightFormat", "Z_IMAGE_6B", "ZImageDiT",

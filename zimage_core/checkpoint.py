@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import DiTConfig, WeightFormat
 from .dit import ZImageDiT
-from .keymaps import UNUSED_COMFY_KEYS, DiTLayout, find_prefix, join_key, split_key, to_canonical
+from .keymaps import ALL_IN_ONE_PREFIX, UNUSED_COMFY_KEYS, DiTLayout, find_prefix, join_key, split_key, to_canonical
 from .probe import FOREIGN_NAMES, ModelKind, classify
 from .safetensors_file import Header, TensorInfo, read_into, read_tensor
 from .sources import Source, open_source
@@ -83,6 +83,9 @@ def plan_dit(path: str | Path | Source) -> DiTPlan:
     if kind is not ModelKind.ZIMAGE_DIT:
         raise ValueError(f"{src.path}: this is {FOREIGN_NAMES.get(kind, 'not a Z-Image DiT checkpoint')}, "
                          "not a Z-Image DiT")
+    # A ComfyUI all-in-one checkpoint also holds the text encoder and VAE: take its DiT container only.
+    if any(k.startswith(ALL_IN_ONE_PREFIX) for k in tensors):
+        tensors = {k: v for k, v in tensors.items() if k.startswith(ALL_IN_ONE_PREFIX) or k == "scaled_fp8"}
     prefix = find_prefix(k for k in tensors if k != "scaled_fp8")
     bare = {k.removeprefix(prefix): v for k, v in tensors.items()}
     layout = DiTLayout.DIFFUSERS if "all_x_embedder.2-1.weight" in bare else DiTLayout.COMFY
@@ -145,9 +148,13 @@ def _check_against_model(plan: DiTPlan) -> None:
     got = plan.shapes()
     where = f"{plan.source.path} (detected {plan.layout.value} layout, {plan.config.n_layers} layers)"
     missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{where}: {len(missing)} missing keys e.g. {missing[:5]}, "
-                         f"{len(unexpected)} unexpected keys e.g. {[plan.pieces[k][0].key for k in unexpected[:5]]}")
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys, e.g. {missing[:5]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys, e.g. {[plan.pieces[k][0].key for k in unexpected[:5]]}")
+    if problems:
+        raise ValueError(f"{where}: {'; '.join(problems)}")
     wrong = [(k, got[k], expected[k]) for k in expected if got[k] != expected[k]]
     if wrong:
         raise ValueError(f"{where}: shape mismatch for {len(wrong)} keys, e.g. "

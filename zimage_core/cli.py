@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .inspect import inspect
+from .inspection import inspect
 
 # Bad input as the core reports it: ValueError (JSON and Unicode errors are ValueErrors too) and OSError
 # (FileNotFoundError, PermissionError, IsADirectoryError), each naming the file.

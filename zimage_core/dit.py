@@ -67,10 +67,11 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(dim // n_heads, eps)
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).unbind(2)  # each (B, L, H, Dh)
-        q = apply_rope(self.q_norm(q), freqs)
-        k = apply_rope(self.k_norm(k), freqs)
-        return self.out(attention(q, k, v, key_mask))
+        qkv = self.qkv(x).unflatten(-1, (3, self.n_heads, -1))  # (B, L, 3, H, Dh)
+        # q and k are normed (each with its own weight) and rotated in one pass each.
+        w_qk = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]  # (2, 1, Dh)
+        q, k = apply_rope(rms_norm(qkv[:, :, :2], w_qk, self.q_norm.eps), freqs[:, :, None, None]).unbind(2)
+        return self.out(attention(q, k, qkv[:, :, 2], key_mask))
 
 
 class FeedForward(nn.Module):

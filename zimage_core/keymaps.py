@@ -52,6 +52,7 @@ UNUSED_COMFY_KEYS = frozenset({"norm_final.weight"})
 
 # Prefixes that wrap the DiT in other containers (ComfyUI all-in-one checkpoints, some trainers).
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+ALL_IN_ONE_PREFIX = DIT_PREFIXES[0]  # beside `text_encoders.` and `vae.` in a ComfyUI all-in-one checkpoint
 
 
 def split_key(key: str) -> tuple[str, str]:

@@ -40,14 +40,21 @@ def rope_lookup(tables: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x[2k], x[2k+1]) of each head. x (B, L, H, Dh), freqs (B, L, Dh/2) complex."""
+    """Rotate consecutive pairs (x[2k], x[2k+1]) of each head vector (last dim) by complex `freqs`,
+    which broadcasts against x's (..., Dh/2) complex view."""
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * freqs.unsqueeze(2)).flatten(-2).to(x.dtype)
+    return torch.view_as_real(xc * freqs).flatten(-2).to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """x · rsqrt(mean(x²) + eps) · weight, statistics in fp32, result in x's dtype."""
-    y = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    """x · rsqrt(mean(x²) + eps) · weight, statistics in fp32, result in x's dtype.
+
+    The mean square comes from one fused 2-norm reduction (no x² temporary); `weight` may be any
+    tensor broadcasting against x (per-item modulation is folded into it by the caller).
+    """
+    xf = x.float()
+    ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / x.shape[-1]
+    y = (xf * torch.rsqrt(ms + eps)).to(x.dtype)
     return y if weight is None else y * weight
 
 
