@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 import zimage_fixtures as zf
-from zimage_core import checkpoint, cli, load_dit, safetensors_file
+from zimage_core import cli, load_dit
 from zimage_core.inspection import inspect
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,21 +51,6 @@ def comfy_sd(dit_sd) -> dict[str, torch.Tensor]:
 def sharded(tmp_path, dit_sd) -> Path:
     """A diffusers model root: tmp/model/transformer/{3 shards, index}."""
     return zf.write_sharded(dit_sd, tmp_path / "model")
-
-
-@pytest.fixture
-def reads(monkeypatch: pytest.MonkeyPatch) -> list:
-    """Every tensor the core reads, as TensorInfo (all reads go through safetensors_file.read_into)."""
-    seen = []
-    real = safetensors_file.read_into
-
-    def spy(f, info, out):
-        seen.append(info)
-        return real(f, info, out)
-
-    monkeypatch.setattr(safetensors_file, "read_into", spy)
-    monkeypatch.setattr(checkpoint, "read_into", spy)
-    return seen
 
 
 def error_of(call, exc_type: type[Exception], *parts: str) -> str:

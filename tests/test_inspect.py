@@ -31,7 +31,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import zimage_fixtures as zf
-from zimage_core import checkpoint, safetensors_file
 from zimage_core.inspection import inspect, text_encoder_config, vae_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,21 +55,6 @@ def run_cli(path: Path) -> dict:
 def manifest(name: str) -> dict[str, list[int]]:
     lines = (KEYS / name).read_text().splitlines()
     return {k: json.loads(s) for k, s in (line.split("\t") for line in lines if line and not line.startswith("#"))}
-
-
-@pytest.fixture
-def reads(monkeypatch: pytest.MonkeyPatch) -> list:
-    """Every tensor read by the core (all reads go through safetensors_file.read_into)."""
-    seen = []
-    real = safetensors_file.read_into
-
-    def spy(f, info, out):
-        seen.append(info)
-        return real(f, info, out)
-
-    monkeypatch.setattr(safetensors_file, "read_into", spy)
-    monkeypatch.setattr(checkpoint, "read_into", spy)
-    return seen
 
 
 # --- DiT ---------------------------------------------------------------------------------------------

@@ -125,7 +125,9 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         self.freq_dim = cfg.freq_dim
-        self.mlp = nn.Sequential(Linear(cfg.freq_dim, cfg.t_embed_dim), nn.SiLU(), Linear(cfg.t_embed_dim, cfg.adaln_dim))
+        self.mlp = nn.Sequential(
+            Linear(cfg.freq_dim, cfg.t_embed_dim), nn.SiLU(), Linear(cfg.t_embed_dim, cfg.adaln_dim)
+        )
 
     def forward(self, t_scaled: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return self.mlp(timestep_embedding(t_scaled, self.freq_dim).to(dtype))
@@ -169,7 +171,8 @@ class ZImageDiT(nn.Module):
         """The compute (activation) dtype; block weights may be stored narrower (see `Linear`)."""
         return self.x_pad_token.dtype
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cap_feats: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                cap_feats: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         cfg, dtype = self.cfg, self.dtype
         B, C, H, W = x.shape
         if H % 2 or W % 2 or C != cfg.in_channels:
@@ -216,12 +219,13 @@ class ZImageDiT(nn.Module):
         padded = [_ceil_to(n, self.cfg.seq_multiple) for n in lens]
         emb = self.cap_embedder(torch.cat([f.to(dtype) for f in feats]))  # (ΣL, D)
         cap = emb.new_zeros(len(lens), max(padded), emb.shape[-1])
-        for i, (item, n, p) in enumerate(zip(emb.split(lens), lens, padded)):
+        for i, (item, n, p) in enumerate(zip(emb.split(lens), lens, padded, strict=True)):
             cap[i, :n] = item
             cap[i, n:p] = self.cap_pad_token
         if len(set(padded)) == 1:
             return cap, None
-        return cap, torch.arange(max(padded), device=cap.device)[None] < torch.tensor(padded, device=cap.device)[:, None]
+        key_mask = torch.arange(max(padded), device=cap.device)[None] < torch.tensor(padded, device=cap.device)[:, None]
+        return cap, key_mask
 
     def _positions(self, cap_lens: list[int], Ht: int, Wt: int, n_img_padded: int, n_cap: int, device):
         """RoPE rotations. Caption token j sits at (1 + j, 0, 0), pads included; image token (h, w) at

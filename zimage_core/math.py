@@ -27,7 +27,7 @@ def rope_tables(axes_dims: tuple[int, ...], axes_lens: tuple[int, ...], theta: f
     The angle p·ω is formed in float64 and rounded to float32 before cos/sin, as the official code does.
     """
     tables = []
-    for d, n in zip(axes_dims, axes_lens):
+    for d, n in zip(axes_dims, axes_lens, strict=True):
         omega = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
         angle = torch.outer(torch.arange(n, dtype=torch.float64), omega).float()
         tables.append(torch.polar(torch.ones_like(angle), angle).to(device))
