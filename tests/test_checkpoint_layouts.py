@@ -176,6 +176,17 @@ def test_bf16_compute_tracks_fp32(files):
     assert rel_err(got, want) <= 3e-2  # bf16 activations: 8 mantissa bits through 6 blocks
 
 
+def test_fp16_compute_tracks_fp32_and_survives_overflow(files):
+    """fp16 (the MPS dtype) runs on CPU too; an overflowing FFN saturates instead of turning into NaN."""
+    x, t, caps = inputs(1, [7], 16, 16)
+    with torch.no_grad():
+        want = load_dit(files / "z_image_comfy.safetensors", dtype=torch.float32)(x, t, caps)
+        half = load_dit(files / "z_image_comfy.safetensors", dtype=torch.float16)
+        assert rel_err(half(x, t, caps), want) <= 1e-2  # fp16 activations: 11 mantissa bits
+        half.layers[0].feed_forward.w2.weight.mul_(1e5)  # weights stay finite, outputs ~1e5 overflow fp16
+        assert torch.isfinite(half(x, t, caps)).all()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_and_fp8_track_cpu_fp32(files):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DiTConfig
-from .math import apply_rope, attention, rms_norm, rope_lookup, rope_tables, timestep_embedding
+from .math import apply_rope, attention, clamp_fp16, rms_norm, rope_lookup, rope_tables, timestep_embedding
 
 
 class Linear(nn.Linear):
@@ -115,9 +115,9 @@ class TransformerBlock(nn.Module):
             scale_a, gate_a, scale_f, gate_f = self.adaLN_modulation(c).unsqueeze(1).chunk(4, dim=-1)
             w_a1, w_f1 = w_a1 * (1 + scale_a), w_f1 * (1 + scale_f)
             w_a2, w_f2 = w_a2 * gate_a.tanh(), w_f2 * gate_f.tanh()
-        h = self.attention(rms_norm(x, w_a1, self.eps), freqs, key_mask)
+        h = clamp_fp16(self.attention(rms_norm(x, w_a1, self.eps), freqs, key_mask))
         x = torch.addcmul(x, rms_norm(h, None, self.eps), w_a2)
-        h = self.feed_forward(rms_norm(x, w_f1, self.eps))
+        h = clamp_fp16(self.feed_forward(rms_norm(x, w_f1, self.eps)))
         return torch.addcmul(x, rms_norm(h, None, self.eps), w_f2)
 
 

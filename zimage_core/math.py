@@ -58,6 +58,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return y if weight is None else y * weight
 
 
+def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
+    """In fp16, map ±inf (overflowed matmul outputs) and NaN to finite values; other dtypes pass through.
+
+    Used on residual-branch outputs just before their post-norm, which is scale-invariant, so values
+    that fit are untouched and an overflow saturates instead of poisoning the stream (ComfyUI did
+    the same for Lumina-type models; see ZIMAGE_SPEC §1.3 fp16 note).
+    """
+    if x.dtype != torch.float16:
+        return x
+    return torch.nan_to_num(x, nan=0.0, posinf=65504.0, neginf=-65504.0)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
     """Non-causal SDPA. q, k, v (B, L, H, Dh); key_mask (B, L) bool, True = attend; -> (B, L, H·Dh)."""
     mask = None if key_mask is None else key_mask[:, None, None, :]
