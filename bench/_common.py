@@ -1,0 +1,52 @@
+"""Helpers shared by the bench scripts: paths, the ComfyUI import, JSON output and plain-text tables."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parent.parent
+OUT_DIR = REPO / "bench" / "out"  # git-ignored
+COMFY_DIR = REPO / ".host" / "ComfyUI"
+
+
+def add_repo_paths() -> None:
+    """Make `zimage_core` (repo root) and the test helpers (`tests/`) importable from a bench script."""
+    for p in (REPO / "tests", REPO):
+        if str(p) not in sys.path:
+            sys.path.insert(0, str(p))
+
+
+def import_comfy() -> ModuleType:
+    """ComfyUI's `comfy` package from .host/ComfyUI, forced onto the CPU (COMFY_HOST.md trap 6)."""
+    add_repo_paths()
+    try:
+        from comfy_host import import_comfy as host_import
+    except ImportError:  # tests/comfy_host.py not there: the same steps inline
+        sys.path.insert(0, str(COMFY_DIR))
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True
+        import comfy.model_management  # noqa: F401
+
+        return comfy
+    return host_import()
+
+
+def write_json(name: str, data: dict) -> Path:
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    path = OUT_DIR / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A left-aligned plain-text table; floats are printed as given (format them first)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
