@@ -7,14 +7,20 @@ from zimage_core import checkpoint, safetensors_file
 
 @pytest.fixture
 def reads(monkeypatch: pytest.MonkeyPatch) -> list:
-    """Every tensor the core reads, as TensorInfo (all reads go through safetensors_file.read_into)."""
+    """Every tensor whose data the core touches, as TensorInfo: all tensor data is either read
+    (safetensors_file.read_into) or mapped (safetensors_file.map_tensor)."""
     seen = []
-    real = safetensors_file.read_into
+    real_read, real_map = safetensors_file.read_into, safetensors_file.map_tensor
 
-    def spy(f, info, out):
+    def read_spy(f, info, out):
         seen.append(info)
-        return real(f, info, out)
+        return real_read(f, info, out)
 
-    monkeypatch.setattr(safetensors_file, "read_into", spy)
-    monkeypatch.setattr(checkpoint, "read_into", spy)
+    def map_spy(mapping, info):
+        seen.append(info)
+        return real_map(mapping, info)
+
+    for module in (safetensors_file, checkpoint):
+        monkeypatch.setattr(module, "read_into", read_spy)
+    monkeypatch.setattr(checkpoint, "map_tensor", map_spy)
     return seen

@@ -89,19 +89,43 @@ def test_bf16_diffusers_file_casts_exactly(files, weights):
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
 
 
-def test_streaming_reads_each_tensor_straight_into_its_parameter(files, monkeypatch):
-    """Same-dtype tensors are read into the final storage; nothing else of the weights' size is allocated."""
-    targets = []
-    real = ckpt.read_into
-    monkeypatch.setattr(ckpt, "read_into", lambda f, info, out: targets.append(out.data_ptr()) or real(f, info, out))
+def test_streaming_maps_or_reads_each_tensor_into_its_parameter(files, monkeypatch):
+    """On the CPU a tensor kept as stored is a zero-copy view of the file mapping; one that must be
+    fused (the official split q/k/v) is read straight into row blocks of its final storage."""
+    read_targets, mapped = [], []
+    real_read, real_map = ckpt.read_into, ckpt.map_tensor
+    monkeypatch.setattr(ckpt, "read_into", lambda f, info, out: read_targets.append(out.data_ptr()) or
+                        real_read(f, info, out))
+    monkeypatch.setattr(ckpt, "map_tensor", lambda m, info: mapped.append(t := real_map(m, info)) or t)
     model = load_dit(files / "official", dtype=torch.float32)
-    params = list(model.parameters())
-    assert all(p.device.type == "cpu" and not p.requires_grad for p in params)
-    # fused qkv: three reads into row blocks of one parameter; everything else one read each
-    qkv = [p for n, p in model.named_parameters() if n.endswith("qkv.weight")]
-    assert len(targets) == len(params) + 2 * len(qkv)
-    starts = {p.data_ptr() for p in params}
-    assert starts <= set(targets)
+    params = dict(model.named_parameters())
+    assert all(p.device.type == "cpu" and not p.requires_grad for p in params.values())
+    qkv = {n: p for n, p in params.items() if n.endswith("qkv.weight")}
+    assert len(read_targets) == 3 * len(qkv)  # three row blocks each, read in place
+    assert {p.data_ptr() for p in qkv.values()} <= set(read_targets)
+    assert {p.data_ptr() for n, p in params.items() if n not in qkv} == {t.data_ptr() for t in mapped}
+
+
+def test_large_tensor_read_in_two_halves_is_exact(tmp_path):
+    """Tensors over SPLIT_READ_BYTES are read by two threads; every byte lands where it belongs."""
+    from zimage_core.safetensors_file import SPLIT_READ_BYTES, read_header, read_into
+
+    big = torch.randn(SPLIT_READ_BYTES // 4 + 12345, generator=torch.Generator().manual_seed(0))
+    save_file({"small": torch.arange(3.0), "big": big}, tmp_path / "big.safetensors")
+    info = read_header(tmp_path / "big.safetensors").tensors["big"]
+    with open(tmp_path / "big.safetensors", "rb") as f:
+        assert torch.equal(read_into(f, info, torch.empty_like(big)), big)
+
+
+def test_mapped_weights_are_copy_on_write(files, tmp_path):
+    """Changing a loaded weight in place (as a merged LoRA will) never writes to the checkpoint file."""
+    path = tmp_path / "z.safetensors"
+    path.write_bytes((files / "z_image_comfy.safetensors").read_bytes())
+    before = path.read_bytes()
+    model = load_dit(path, dtype=torch.float32)
+    model.layers[0].feed_forward.w1.weight.add_(1.0)
+    del model
+    assert path.read_bytes() == before
 
 
 def test_peak_memory_is_the_weights_plus_one_tensor(tmp_path):

@@ -28,7 +28,7 @@ from .config import DiTConfig, WeightFormat
 from .dit import ZImageDiT
 from .keymaps import ALL_IN_ONE_PREFIX, UNUSED_COMFY_KEYS, DiTLayout, find_prefix, join_key, split_key, to_canonical
 from .probe import FOREIGN_NAMES, ModelKind, classify
-from .safetensors_file import Header, TensorInfo, read_into, read_tensor
+from .safetensors_file import Header, TensorInfo, map_file, map_tensor, read_into, read_tensor
 from .sources import Source, open_source
 
 
@@ -166,8 +166,9 @@ def load_dit(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
     """Load a Z-Image DiT from a file, a sharded folder, an index or a shard; see the module docstring.
 
     `dtype` is the compute dtype (fp32/bf16 on CPU, bf16/fp16 on CUDA, fp16 on MPS). Nothing holds a
-    second copy of the weights: each tensor is read into its final storage (or through one tensor-sized
-    buffer when it must be converted).
+    second copy of the weights: on the CPU a tensor kept as stored is a copy-on-write view of the file
+    mapping; any other is read into its final storage (through one tensor-sized buffer when it must
+    be converted).
     """
     plan = plan_dit(path)
     device = torch.device(device)
@@ -177,15 +178,23 @@ def load_dit(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
     pending: dict[str, _Assembly] = {}
     for header in plan.source.headers:  # shard by shard, tensors in file order
         jobs = [(k, p) for k, ps in plan.pieces.items() for p in ps if p.header is header]
+        mapping = map_file(header.path) if device.type == "cpu" else None
         with open(header.path, "rb") as f:
             for key, piece in sorted(jobs, key=lambda j: j[1].info.start):
-                if key not in pending:
-                    fp8 = weight_format is WeightFormat.FP8 and _FP8_TARGETS.match(key)
-                    pending[key] = _Assembly(shapes[key], torch.float8_e4m3fn if fp8 else dtype, device)
+                fp8 = weight_format is WeightFormat.FP8 and _FP8_TARGETS.match(key)
+                storage = torch.float8_e4m3fn if fp8 else dtype
                 scale = plan.scales.get(piece.key.removeprefix(plan.prefix))
-                pending[key].write(f, piece, None if scale is None else _read_small(scale))
-                if pending[key].done == piece.parts:
-                    _assign(model, key, pending.pop(key))
+                if key not in pending and mapping is not None and piece.parts == 1 and scale is None \
+                        and piece.info.dtype == storage and not fp8:
+                    mapped = map_tensor(mapping, piece.info)
+                    if mapped is not None:
+                        _assign(model, key, mapped)
+                        continue
+                asm = pending.setdefault(key, _Assembly(shapes[key], storage, device))
+                asm.write(f, piece, None if scale is None else _read_small(scale))
+                if asm.done == piece.parts:
+                    _assign(model, key, asm.tensor, asm.scale)
+                    del pending[key]
     return model.eval().requires_grad_(False)
 
 
@@ -213,16 +222,30 @@ class _Assembly:
                 self.scale[rows] = 1.0 if scale is None else _per_row(scale, dst.shape[0])
         else:
             w = read_tensor(f, piece.info)
-            if scale is not None:
-                w = w.float() * _per_row(scale, w.shape[0])
-            if self.scale is None:
-                dst.copy_(w)
-            else:  # quantise per output row
-                w = w.float()
-                s = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-                dst.copy_((w / s).clamp(-FP8_MAX, FP8_MAX))
-                self.scale[rows] = s
+            _convert(w, None if scale is None else _per_row(scale, w.shape[0]), dst,
+                     None if self.scale is None else self.scale[rows])
         self.done += 1
+
+
+_CHUNK_ROWS = 256  # rows converted at a time: fp32 temporaries stay small and cache-resident
+
+
+def _convert(w: torch.Tensor, src_scale: torch.Tensor | None, dst: torch.Tensor,
+             dst_scale: torch.Tensor | None) -> None:
+    """dst ← w (dequantised by src_scale if given), quantised to fp8 with one scale per row if dst_scale is given."""
+    if w.ndim < 2:
+        dst.copy_(w)
+        return
+    for i in range(0, w.shape[0], _CHUNK_ROWS):
+        rows = slice(i, i + _CHUNK_ROWS)
+        chunk = w[rows].float()
+        if src_scale is not None:
+            chunk = chunk * src_scale[rows]
+        if dst_scale is not None:
+            s = chunk.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(FP8_MAX)
+            chunk = (chunk / s).clamp_(-FP8_MAX, FP8_MAX)
+            dst_scale[rows] = s
+        dst[rows].copy_(chunk)
 
 
 def _per_row(scale: torch.Tensor, rows: int) -> torch.Tensor:
@@ -236,9 +259,9 @@ def _read_small(piece: Piece) -> torch.Tensor:
         return read_tensor(f, piece.info)
 
 
-def _assign(model: nn.Module, key: str, asm: _Assembly) -> None:
+def _assign(model: nn.Module, key: str, tensor: torch.Tensor, scale: torch.Tensor | None = None) -> None:
     module_path, leaf = split_key(key)
     module = model.get_submodule(module_path)
-    module._parameters[leaf] = nn.Parameter(asm.tensor, requires_grad=False)
-    if asm.scale is not None:
-        module.scale_weight = asm.scale
+    module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    if scale is not None:
+        module.scale_weight = scale

@@ -1,13 +1,19 @@
-"""Reading safetensors files: a header-only probe, then tensors read straight into their destination.
+"""Reading safetensors files: a header-only probe, then each tensor mapped or read once, in place.
 
-Only the safetensors format is read (never pickle). Tensors are read with plain file reads, not mmap,
-so a loaded model is the only copy of its weights in the process (page cache is not process memory).
+Only the safetensors format is read (never pickle). A tensor kept as stored on the CPU is a
+copy-on-write view of the file mapping (`map_tensor`): its pages are the page cache's, so loading
+allocates nothing and an in-place change (a merged LoRA) copies only the pages it writes, never the
+file. Tensors that must be converted, fused or moved are read with plain reads into their final
+storage (`read_into`). Either way the loaded model is the only copy of its weights.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -23,6 +29,7 @@ DTYPES = {
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 100 * 2**20
+SPLIT_READ_BYTES = 8 * 2**20
 # First bytes of pickle checkpoints saved under a .safetensors name (told apart, never opened).
 _PICKLE_LOOKS = {b"PK": "a PyTorch zip/pickle checkpoint, which is never opened",
                  **{bytes([0x80, v]): "a pickle file, which is never opened" for v in range(2, 6)}}
@@ -93,12 +100,48 @@ def _tensor_info(path: Path, name: str, spec, base: int, size: int) -> TensorInf
 
 
 def read_into(f: BinaryIO, info: TensorInfo, out: torch.Tensor) -> torch.Tensor:
-    """Read one tensor's bytes into `out`, a contiguous CPU tensor of the same dtype and numel."""
+    """Read one tensor's bytes into `out`, a contiguous CPU tensor of the same dtype and numel.
+
+    Copying out of the page cache is CPU-bound, so a large tensor is read as two halves on two threads
+    (positional reads release the GIL) where the OS has them.
+    """
     buf = out.view(-1).view(torch.uint8).numpy()
-    f.seek(info.start)
-    if f.readinto(buf) != info.end - info.start:
+    n = info.end - info.start
+    if n >= SPLIT_READ_BYTES and hasattr(os, "preadv"):
+        half = n // 2
+        with ThreadPoolExecutor(1) as pool:
+            second = pool.submit(_pread, f.fileno(), buf[half:], info.start + half)
+            got = _pread(f.fileno(), buf[:half], info.start) + second.result()
+    else:
+        f.seek(info.start)
+        got = f.readinto(buf)
+    if got != n:
         raise ValueError(f"{getattr(f, 'name', '?')}: truncated file while reading bytes {info.start}..{info.end}")
     return out
+
+
+def _pread(fd: int, view, offset: int) -> int:
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            break
+        done += got
+    return done
+
+
+def map_file(path: Path) -> mmap.mmap:
+    """A private (copy-on-write) mapping of the whole file; it stays valid after the file is closed."""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+
+def map_tensor(mapping: mmap.mmap, info: TensorInfo) -> torch.Tensor | None:
+    """A zero-copy tensor over the mapped bytes, or None where they can't be viewed (misaligned, empty)."""
+    if info.numel == 0 or info.start % info.dtype.itemsize:
+        return None
+    raw = torch.frombuffer(mapping, dtype=torch.uint8, count=info.end - info.start, offset=info.start)
+    return raw.view(info.dtype).reshape(info.shape)
 
 
 def read_tensor(f: BinaryIO, info: TensorInfo) -> torch.Tensor:
