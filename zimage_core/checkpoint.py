@@ -176,6 +176,7 @@ def load_dit(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
         model = ZImageDiT(plan.config)
     shapes = plan.shapes()
     pending: dict[str, _Assembly] = {}
+    scratch = _Scratch()
     for header in plan.source.headers:  # shard by shard, tensors in file order
         jobs = [(k, p) for k, ps in plan.pieces.items() for p in ps if p.header is header]
         mapping = map_file(header.path) if device.type == "cpu" else None
@@ -191,7 +192,7 @@ def load_dit(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
                         _assign(model, key, mapped)
                         continue
                 asm = pending.setdefault(key, _Assembly(shapes[key], storage, device))
-                asm.write(f, piece, None if scale is None else _read_small(scale))
+                asm.write(f, piece, None if scale is None else _read_small(scale), scratch)
                 if asm.done == piece.parts:
                     _assign(model, key, asm.tensor, asm.scale)
                     del pending[key]
@@ -206,7 +207,7 @@ class _Assembly:
         self.scale = torch.empty(shape[0], 1, device=device) if storage == torch.float8_e4m3fn else None
         self.done = 0
 
-    def write(self, f, piece: Piece, scale: torch.Tensor | None) -> None:
+    def write(self, f, piece: Piece, scale: torch.Tensor | None, scratch: _Scratch) -> None:
         """Fill this piece's rows; `scale` is the stored fp8 scale (scalar or per row) if any."""
         rows = slice(None)
         if piece.parts > 1:
@@ -217,17 +218,30 @@ class _Assembly:
             if dst.device.type == "cpu":
                 read_into(f, piece.info, dst)  # straight into the final storage
             else:
-                dst.copy_(read_tensor(f, piece.info))
+                dst.copy_(scratch.read(f, piece.info))
             if self.scale is not None:
                 self.scale[rows] = 1.0 if scale is None else _per_row(scale, dst.shape[0])
         else:
-            w = read_tensor(f, piece.info)
+            w = scratch.read(f, piece.info)
             _convert(w, None if scale is None else _per_row(scale, w.shape[0]), dst,
                      None if self.scale is None else self.scale[rows])
         self.done += 1
 
 
-_CHUNK_ROWS = 256  # rows converted at a time: fp32 temporaries stay small and cache-resident
+class _Scratch:
+    """One read buffer for every tensor that must be converted or moved: fresh pages are costly to fault in."""
+
+    def __init__(self) -> None:
+        self.buf = torch.empty(0, dtype=torch.uint8)
+
+    def read(self, f, info: TensorInfo) -> torch.Tensor:
+        n = info.end - info.start
+        if n > self.buf.numel():
+            self.buf = torch.empty(n, dtype=torch.uint8)
+        return read_into(f, info, self.buf[:n].view(info.dtype).view(info.shape))
+
+
+_CHUNK_ROWS = 64  # rows converted at a time: fp32 temporaries stay small and cache-resident
 
 
 def _convert(w: torch.Tensor, src_scale: torch.Tensor | None, dst: torch.Tensor,
@@ -236,14 +250,16 @@ def _convert(w: torch.Tensor, src_scale: torch.Tensor | None, dst: torch.Tensor,
     if w.ndim < 2:
         dst.copy_(w)
         return
+    buf = torch.empty(min(_CHUNK_ROWS, w.shape[0]), *w.shape[1:])  # one fp32 scratch, reused
     for i in range(0, w.shape[0], _CHUNK_ROWS):
         rows = slice(i, i + _CHUNK_ROWS)
-        chunk = w[rows].float()
+        chunk = buf[: len(w[rows])]
+        chunk.copy_(w[rows])
         if src_scale is not None:
-            chunk = chunk * src_scale[rows]
+            chunk.mul_(src_scale[rows])
         if dst_scale is not None:
-            s = chunk.abs().amax(dim=1, keepdim=True).clamp_(min=1e-12).div_(FP8_MAX)
-            chunk = (chunk / s).clamp_(-FP8_MAX, FP8_MAX)
+            s = torch.linalg.vector_norm(chunk, ord=float("inf"), dim=1, keepdim=True)  # max |w| per row
+            chunk.div_(s.clamp_(min=1e-12).div_(FP8_MAX)).clamp_(-FP8_MAX, FP8_MAX)
             dst_scale[rows] = s
         dst[rows].copy_(chunk)
 
