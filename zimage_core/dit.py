@@ -37,12 +37,23 @@ class Linear(nn.Linear):
         self.register_buffer("scale_weight", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._weight_as(x.dtype), self.bias)
+
+    def forward_parts(self, x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+        """The output's `parts` equal column blocks, one matmul per row block of the weight (views, no copy).
+
+        For the fused qkv projection: three (D → D) GEMMs beat one (D → 3D) GEMM on CPU BLAS
+        (bench/dit_forward.py), and q, k, v come out contiguous. Bias-free layers only.
+        """
+        return tuple(F.linear(x, w) for w in self._weight_as(x.dtype).chunk(parts))
+
+    def _weight_as(self, dtype: torch.dtype) -> torch.Tensor:
         w = self.weight
-        if w.dtype != x.dtype:
-            w = w.to(x.dtype)
+        if w.dtype != dtype:
+            w = w.to(dtype)
             if self.scale_weight is not None:
-                w = w * self.scale_weight.to(x.dtype)
-        return F.linear(x, w, self.bias)
+                w = w * self.scale_weight.to(dtype)
+        return w
 
 
 class RMSNorm(nn.Module):
@@ -67,11 +78,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(dim // n_heads, eps)
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        qkv = self.qkv(x).unflatten(-1, (3, self.n_heads, -1))  # (B, L, 3, H, Dh)
-        # q and k are normed (each with its own weight) and rotated in one pass each.
-        w_qk = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]  # (2, 1, Dh)
-        q, k = apply_rope(rms_norm(qkv[:, :, :2], w_qk, self.q_norm.eps), freqs[:, :, None, None]).unbind(2)
-        return self.out(attention(q, k, qkv[:, :, 2], key_mask))
+        q, k, v = (h.unflatten(-1, (self.n_heads, -1)) for h in self.qkv.forward_parts(x, 3))  # (B, L, H, Dh)
+        q = apply_rope(self.q_norm(q), freqs[:, :, None])
+        k = apply_rope(self.k_norm(k), freqs[:, :, None])
+        return self.out(attention(q, k, v, key_mask))
 
 
 class FeedForward(nn.Module):
