@@ -39,7 +39,9 @@ def test_matches_diffusers(diffusers_pair, batch, cap_lens, height, width):
     x, t, caps = inputs(batch, cap_lens, height, width)
     with torch.no_grad():
         got = ours(x, t, caps)
-    assert rel_err(got, diffusers_forward(ref, x, t, caps)) <= BOUND
+    err = rel_err(got, diffusers_forward(ref, x, t, caps))
+    print(f"\nvs diffusers: batch {batch}, captions {cap_lens}, latent {height}x{width}: {err:.2e}")  # pytest -s
+    assert err <= BOUND
 
 
 def test_batch_items_are_independent(diffusers_pair):
@@ -90,4 +92,6 @@ def test_matches_comfyui_nextdit(comfy_pair, batch, cap_lens, height, width):
         # ComfyUI batches equal-length captions and passes σ = 1 − t; it returns −v.
         want = -ref(x, 1 - t, torch.stack(caps), num_tokens=cap_lens[0])
         got = ours(x, t, caps)
-    assert rel_err(got, want) <= BOUND
+    err = rel_err(got, want)
+    print(f"\nvs ComfyUI NextDiT: batch {batch}, captions {cap_lens}, latent {height}x{width}: {err:.2e}")
+    assert err <= BOUND
