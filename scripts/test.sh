@@ -14,6 +14,10 @@ if ! bash scripts/setup.sh >"$setup_log" 2>&1; then
 fi
 grep '^\[setup\]' "$setup_log"
 
+if (($# == 0)); then  # the full run also lints (ruff settings in pyproject.toml)
+  .venv/bin/ruff check . || { echo "ruff found problems" >&2; exit 1; }
+fi
+
 test_rc=0
 .venv/bin/python -m pytest -q "${@:-tests}" || test_rc=$?
 if ((test_rc == 5)); then
