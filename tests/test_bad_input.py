@@ -235,6 +235,14 @@ def test_unsupported_comfy_quant_format(tmp_path, comfy_sd, reads):
     assert [i.dtype for i in reads] == [torch.uint8] and reads[0].numel < 100
 
 
+def test_malformed_comfy_quant_spec(tmp_path, comfy_sd):
+    sd = zf.comfy_quant_state_dict(comfy_sd)
+    sd["layers.0.attention.qkv.comfy_quant"] = torch.tensor(list(b"not json"), dtype=torch.uint8)
+    path = tmp_path / "z_image_bad_quant.safetensors"
+    save_file(sd, path)
+    error_of(lambda: load_dit(path), ValueError, str(path), "layers.0.attention.qkv.comfy_quant", "JSON object")
+
+
 # --- the CLI -----------------------------------------------------------------------------------------
 
 

@@ -65,14 +65,9 @@ class DiTPlan:
     prefix: str
     config: DiTConfig
     pieces: dict[str, list[Piece]]  # canonical key -> pieces
+    shapes: dict[str, tuple[int, ...]]  # canonical key -> shape of the joined tensor
     scales: dict[str, Piece] = field(default_factory=dict)  # stored key of an fp8 weight -> its scale
     ignored: list[str] = field(default_factory=list)
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: _joined_shape(k, ps) for k, ps in self.pieces.items()}
-
-    def param_count(self) -> int:
-        return sum(p.info.numel for ps in self.pieces.values() for p in ps)
 
 
 def plan_dit(path: str | Path | Source) -> DiTPlan:
@@ -89,7 +84,7 @@ def plan_dit(path: str | Path | Source) -> DiTPlan:
     prefix = find_prefix(k for k in tensors if k != "scaled_fp8")
     bare = {k.removeprefix(prefix): v for k, v in tensors.items()}
     layout = DiTLayout.DIFFUSERS if "all_x_embedder.2-1.weight" in bare else DiTLayout.COMFY
-    quant = _quant_format(src, bare)
+    quant = _quant_format(bare)
     pieces: dict[str, list[Piece]] = defaultdict(list)
     scales: dict[str, Piece] = {}
     ignored: list[str] = []
@@ -111,12 +106,12 @@ def plan_dit(path: str | Path | Source) -> DiTPlan:
     except (KeyError, ValueError) as e:  # a key the config is read from is missing or malformed
         raise ValueError(f"{src.path}: cannot infer the DiT config: "
                          f"{f'missing key {e}' if isinstance(e, KeyError) else e}") from None
-    plan = DiTPlan(src, layout, quant, prefix, config, dict(pieces), scales, ignored)
+    plan = DiTPlan(src, layout, quant, prefix, config, dict(pieces), shapes, scales, ignored)
     _check_against_model(plan)
     return plan
 
 
-def _quant_format(src: Source, bare: dict) -> QuantFormat:
+def _quant_format(bare: dict[str, tuple[Header, TensorInfo]]) -> QuantFormat:
     if "scaled_fp8" in bare:
         return QuantFormat.SCALED_FP8
     quant_keys = [k for k in bare if k.endswith(".comfy_quant")]
@@ -125,7 +120,13 @@ def _quant_format(src: Source, bare: dict) -> QuantFormat:
     for key in quant_keys:
         header, info = bare[key]
         with open(header.path, "rb") as f:
-            spec = json.loads(bytes(read_tensor(f, info).numpy()).decode())
+            blob = bytes(read_tensor(f, info).numpy())
+        try:
+            spec = json.loads(blob.decode())
+        except ValueError:  # also UnicodeDecodeError
+            spec = None
+        if not isinstance(spec, dict):
+            raise ValueError(f"{header.path}: {key} is not a ComfyUI quantisation spec (a JSON object)")
         if spec.get("format") not in ("float8_e4m3fn", "float8_e5m2"):
             raise ValueError(f"{header.path}: {key} uses quantisation format {spec.get('format')!r}; only "
                              "float8 (float8_e4m3fn, float8_e5m2) files are supported")
@@ -145,7 +146,7 @@ def _joined_shape(key: str, pieces: list[Piece]) -> tuple[int, ...]:
 def _check_against_model(plan: DiTPlan) -> None:
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in ZImageDiT(plan.config).state_dict().items()}
-    got = plan.shapes()
+    got = plan.shapes
     where = f"{plan.source.path} (detected {plan.layout.value} layout, {plan.config.n_layers} layers)"
     missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
     problems = []
@@ -174,7 +175,7 @@ def load_dit(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
     device = torch.device(device)
     with torch.device("meta"):
         model = ZImageDiT(plan.config)
-    shapes = plan.shapes()
+    shapes = plan.shapes
     pending: dict[str, _Assembly] = {}
     scratch = _Scratch()
     for header in plan.source.headers:  # shard by shard, tensors in file order
