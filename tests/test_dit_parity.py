@@ -8,6 +8,8 @@ our loader; ComfyUI 0.3.75's native `NextDiT` (the real host), loaded from a Com
 Bound: max |ours − ref| / max |ref| ≤ 1e-5.
 """
 
+import re
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -95,3 +97,18 @@ def test_matches_comfyui_nextdit(comfy_pair, batch, cap_lens, height, width):
     err = rel_err(got, want)
     print(f"\nvs ComfyUI NextDiT: batch {batch}, captions {cap_lens}, latent {height}x{width}: {err:.2e}")
     assert err <= BOUND
+
+
+@pytest.mark.parametrize("x_shape,cap_lens,message", [
+    ((1, 16, 15, 16), [7], "even H"),
+    ((1, 4, 16, 16), [7], "(B, 16"),
+    ((2, 16, 16, 16), [7], "1 caption feature tensors for a batch of 2"),
+    ((1, 16, 16, 16), [0], "at least one token"),
+    ((1, 16, 16, 16), [1535], "RoPE range"),
+    ((1, 16, 1026, 16), [7], "RoPE range"),
+])
+def test_bad_forward_inputs_are_named(diffusers_pair, x_shape, cap_lens, message):
+    _, ours = diffusers_pair
+    caps = [torch.zeros(n, TINY["cap_feat_dim"]) for n in cap_lens]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ours(torch.zeros(x_shape), torch.zeros(x_shape[0]), caps)

@@ -192,9 +192,12 @@ class ZImageDiT(nn.Module):
         c = self.t_embedder(t.float().reshape(-1).expand(B) * cfg.t_scale, dtype)  # (B, adaln_dim)
 
         cap_lens = [len(f) for f in cap_feats]
-        cap, cap_mask = self._embed_captions(cap_feats, cap_lens, dtype)  # (B, Lc, D)
+        if min(cap_lens) < 1:
+            raise ValueError("ZImageDiT: every caption needs at least one token")
+        cap_padded = [_ceil_to(n, cfg.seq_multiple) for n in cap_lens]  # each stream pads to a multiple of 32
+        cap, cap_mask = self._embed_captions(cap_feats, cap_lens, cap_padded, dtype)  # (B, Lc, D)
         img = self._embed_image(x.to(dtype))  # (B, Li, D)
-        cap_freqs, img_freqs = self._positions(cap_lens, H // 2, W // 2, img.shape[1], cap.shape[1], x.device)
+        cap_freqs, img_freqs = self._positions(cap_padded, H // 2, W // 2, img.shape[1], x.device)
 
         for block in self.noise_refiner:
             img = block(img, img_freqs, None, c)
@@ -219,14 +222,11 @@ class ZImageDiT(nn.Module):
         pad = _ceil_to(img.shape[1], self.cfg.seq_multiple) - img.shape[1]
         return torch.cat([img, self.x_pad_token.expand(B, pad, -1)], dim=1)
 
-    def _embed_captions(self, feats, lens: list[int], dtype: torch.dtype):
-        """Embed valid tokens, pad each item to a multiple of 32 with cap_pad_token, then the batch with zeros.
+    def _embed_captions(self, feats, lens: list[int], padded: list[int], dtype: torch.dtype):
+        """Embed valid tokens, pad each item to its padded length with cap_pad_token, then the batch with zeros.
 
         Returns (B, Lmax, D) and a (B, Lmax) key mask (None when every item has the same padded length).
         """
-        if min(lens) < 1:
-            raise ValueError("ZImageDiT: every caption needs at least one token")
-        padded = [_ceil_to(n, self.cfg.seq_multiple) for n in lens]
         emb = self.cap_embedder(torch.cat([f.to(dtype) for f in feats]))  # (ΣL, D)
         cap = emb.new_zeros(len(lens), max(padded), emb.shape[-1])
         for i, (item, n, p) in enumerate(zip(emb.split(lens), lens, padded, strict=True)):
@@ -237,14 +237,14 @@ class ZImageDiT(nn.Module):
         key_mask = torch.arange(max(padded), device=cap.device)[None] < torch.tensor(padded, device=cap.device)[:, None]
         return cap, key_mask
 
-    def _positions(self, cap_lens: list[int], Ht: int, Wt: int, n_img_padded: int, n_cap: int, device):
+    def _positions(self, padded: list[int], Ht: int, Wt: int, n_img_padded: int, device):
         """RoPE rotations. Caption token j sits at (1 + j, 0, 0), pads included; image token (h, w) at
         (Lp + 1, h, w) with Lp the item's padded caption length; image pad tokens at (0, 0, 0)."""
         cfg = self.cfg
-        padded = [_ceil_to(n, cfg.seq_multiple) for n in cap_lens]
-        if max(padded) + 1 >= cfg.axes_lens[0] or Ht >= cfg.axes_lens[1] or Wt >= cfg.axes_lens[2]:
-            raise ValueError(f"ZImageDiT: caption of {max(cap_lens)} tokens or {Ht}x{Wt} image tokens exceed the "
-                             f"RoPE range {cfg.axes_lens}")
+        n_cap = max(padded)
+        if n_cap + 1 >= cfg.axes_lens[0] or Ht >= cfg.axes_lens[1] or Wt >= cfg.axes_lens[2]:
+            raise ValueError(f"ZImageDiT: a caption padded to {n_cap} tokens or {Ht}x{Wt} image tokens exceed "
+                             f"the RoPE range {cfg.axes_lens}")
         if device not in self._rope:
             self._rope[device] = rope_tables(cfg.axes_dims, cfg.axes_lens, cfg.rope_theta, device)
         tables = self._rope[device]
@@ -252,8 +252,8 @@ class ZImageDiT(nn.Module):
         cap_ids[:, 0] = torch.arange(1, n_cap + 1, device=device)
         hw = torch.stack(torch.meshgrid(torch.arange(Ht, device=device), torch.arange(Wt, device=device),
                                         indexing="ij"), dim=-1).reshape(-1, 2)
-        img_ids = torch.zeros(len(cap_lens), n_img_padded, 3, dtype=torch.long, device=device)
+        img_ids = torch.zeros(len(padded), n_img_padded, 3, dtype=torch.long, device=device)
         img_ids[:, : Ht * Wt, 0] = torch.tensor(padded, device=device)[:, None] + 1
         img_ids[:, : Ht * Wt, 1:] = hw
-        cap_freqs = rope_lookup(tables, cap_ids).expand(len(cap_lens), -1, -1)
+        cap_freqs = rope_lookup(tables, cap_ids).expand(len(padded), -1, -1)
         return cap_freqs, rope_lookup(tables, img_ids)
