@@ -112,3 +112,20 @@ def test_bad_forward_inputs_are_named(diffusers_pair, x_shape, cap_lens, message
     caps = [torch.zeros(n, TINY["cap_feat_dim"]) for n in cap_lens]
     with pytest.raises(ValueError, match=re.escape(message)):
         ours(torch.zeros(x_shape), torch.zeros(x_shape[0]), caps)
+
+
+def test_inference_and_autograd_paths_agree(diffusers_pair):
+    """Without autograd the DiT updates its own temporaries in place; with autograd it must not.
+    Both give the same numbers, backward runs, and the caller's tensors are never modified."""
+    _, ours = diffusers_pair
+    x, t, caps = inputs(2, [7, 45], 16, 16)
+    x_before, caps_before = x.clone(), [c.clone() for c in caps]
+    with torch.inference_mode():
+        fast = ours(x, t, caps)
+    assert torch.equal(x, x_before) and all(torch.equal(a, b) for a, b in zip(caps, caps_before, strict=True))
+    x_grad = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        slow = ours(x_grad, t, caps)
+        slow.square().mean().backward()
+    assert rel_err(fast, slow.detach()) <= 1e-6
+    assert x_grad.grad is not None and torch.isfinite(x_grad.grad).all() and x_grad.grad.abs().sum() > 0

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DiTConfig
-from .math import apply_rope, attention, clamp_fp16, rms_norm, rope_lookup, rope_tables, timestep_embedding
+from .math import apply_rope, attention, clamp_fp16, inplace_ok, rms_norm, rope_lookup, rope_tables, timestep_embedding
 
 
 class Linear(nn.Linear):
@@ -94,6 +94,8 @@ class FeedForward(nn.Module):
         self.w3 = Linear(dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if inplace_ok():
+            return self.w2(F.silu(self.w1(x), inplace=True).mul_(self.w3(x)))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -128,6 +130,8 @@ class TransformerBlock(nn.Module):
         h = clamp_fp16(self.attention(rms_norm(x, w_a1, self.eps), freqs, key_mask))
         x = torch.addcmul(x, rms_norm(h, None, self.eps), w_a2)
         h = clamp_fp16(self.feed_forward(rms_norm(x, w_f1, self.eps)))
+        if inplace_ok():  # x is this block's own tensor by now (the caller's input was not modified)
+            return x.addcmul_(rms_norm(h, None, self.eps), w_f2)
         return torch.addcmul(x, rms_norm(h, None, self.eps), w_f2)
 
 

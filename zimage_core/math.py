@@ -46,6 +46,15 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * freqs).flatten(-2).to(x.dtype)
 
 
+def inplace_ok() -> bool:
+    """Whether fresh temporaries may be updated in place: only when autograd records nothing.
+
+    Inference then allocates fewer activation-sized tensors (new pages are costly to fault in);
+    training keeps every intermediate its backward needs.
+    """
+    return not torch.is_grad_enabled()
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """x · rsqrt(mean(x²) + eps) · weight, statistics in fp32, result in x's dtype.
 
@@ -54,8 +63,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     """
     xf = x.float()
     ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / x.shape[-1]
-    y = (xf * torch.rsqrt(ms + eps)).to(x.dtype)
-    return y if weight is None else y * weight
+    y = (xf * torch.rsqrt(ms + eps)).to(x.dtype)  # a fresh tensor, never x itself
+    if weight is None:
+        return y
+    return y.mul_(weight) if inplace_ok() else y * weight
 
 
 def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
