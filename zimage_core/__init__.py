@@ -13,14 +13,14 @@ from .dit import ZImageDiT
 from .inspection import inspect
 from .keymaps import DiTLayout
 from .sampling import (
-           PRESETS,
-           Preset,
-           SamplerConfig,
-           SamplingInterrupted,
-           denoise,
-           make_noise,
-           make_sigmas,
-           model_velocity,
+    PRESETS,
+    Preset,
+    SamplerConfig,
+    SamplingInterrupted,
+    denoise,
+    make_noise,
+    make_sigmas,
+    model_velocity,
 )
 
 __all__ = ["PRESETS", "DiTConfig", "DiTLayout", "DiTPlan", "Preset", "QuantFormat", "SamplerConfig",
