@@ -119,8 +119,7 @@ def _quant_format(bare: dict[str, tuple[Header, TensorInfo]]) -> QuantFormat:
         return QuantFormat.NONE
     for key in quant_keys:
         header, info = bare[key]
-        with open(header.path, "rb") as f:
-            blob = bytes(read_tensor(f, info).numpy())
+        blob = bytes(_read_small(header.path, info).numpy())
         try:
             spec = json.loads(blob.decode())
         except ValueError:  # also UnicodeDecodeError
@@ -193,7 +192,7 @@ def load_dit(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
                         _assign(model, key, mapped)
                         continue
                 asm = pending.setdefault(key, _Assembly(shapes[key], storage, device))
-                asm.write(f, piece, None if scale is None else _read_small(scale), scratch)
+                asm.write(f, piece, None if scale is None else _read_small(scale.header.path, scale.info), scratch)
                 if asm.done == piece.parts:
                     _assign(model, key, asm.tensor, asm.scale)
                     del pending[key]
@@ -271,9 +270,10 @@ def _per_row(scale: torch.Tensor, rows: int) -> torch.Tensor:
     return scale.reshape(-1, 1) if scale.numel() == rows else scale.reshape(()).expand(rows, 1)
 
 
-def _read_small(piece: Piece) -> torch.Tensor:
-    with open(piece.header.path, "rb") as f:
-        return read_tensor(f, piece.info)
+def _read_small(path: Path, info: TensorInfo) -> torch.Tensor:
+    """One small tensor (a scale, a quantisation spec) read on its own."""
+    with open(path, "rb") as f:
+        return read_tensor(f, info)
 
 
 def _assign(model: nn.Module, key: str, tensor: torch.Tensor, scale: torch.Tensor | None = None) -> None:
