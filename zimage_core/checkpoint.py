@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -66,7 +67,7 @@ class DiTPlan:
     config: DiTConfig
     pieces: dict[str, list[Piece]]  # canonical key -> pieces
     shapes: dict[str, tuple[int, ...]]  # canonical key -> shape of the joined tensor
-    scales: dict[str, Piece] = field(default_factory=dict)  # stored key of an fp8 weight -> its scale
+    scales: dict[str, Piece] = field(default_factory=dict)  # stored key (with prefix) of an fp8 weight -> its scale
     ignored: list[str] = field(default_factory=list)
 
 
@@ -93,11 +94,11 @@ def plan_dit(path: str | Path | Source) -> DiTPlan:
         if key == "scaled_fp8" or leaf in _IGNORED_LEAVES or (layout is DiTLayout.COMFY and key in UNUSED_COMFY_KEYS):
             ignored.append(key)
         elif leaf in _SCALE_LEAVES and quant is not QuantFormat.NONE:
-            scales[join_key(module, "weight")] = Piece(header, prefix + key, info)
+            scales[prefix + join_key(module, "weight")] = Piece(header, prefix + key, info)
         else:
             t = to_canonical(module, layout)
             pieces[join_key(t.module, leaf)].append(Piece(header, prefix + key, info, t.part, t.parts))
-    orphans = sorted(set(scales) - set(bare))
+    orphans = sorted({k.removeprefix(prefix) for k in scales} - set(bare))
     if orphans:
         raise ValueError(f"{src.path}: scales without a weight: {orphans[:5]}")
     shapes = {k: _joined_shape(k, ps) for k, ps in pieces.items()}
@@ -174,29 +175,46 @@ def load_dit(path: str | Path, device: torch.device | str = "cpu", dtype: torch.
     device = torch.device(device)
     with torch.device("meta"):
         model = ZImageDiT(plan.config)
-    shapes = plan.shapes
+    fp8 = (lambda key: bool(_FP8_TARGETS.match(key))) if weight_format is WeightFormat.FP8 else None
+    stream_weights(model, plan.source.headers, plan.pieces, plan.shapes, device, dtype, plan.scales, fp8)
+    return model.eval().requires_grad_(False)
+
+
+def stream_weights(model: nn.Module, headers: Sequence[Header], pieces: Mapping[str, list[Piece]],
+                   shapes: Mapping[str, tuple[int, ...]], device: torch.device | str, dtype: torch.dtype,
+                   scales: Mapping[str, Piece] | None = None, fp8: Callable[[str], bool] | None = None) -> None:
+    """Fill a meta-initialised `model` with stored tensors, file by file in file order (any model, not only the DiT).
+
+    `pieces` maps each parameter name to the stored tensors it is made of (row blocks when fused);
+    `shapes` gives each parameter's shape (a stored tensor of the same numel is reshaped, e.g. a 1×1
+    conv stored as a Linear). `scales` maps a stored fp8 weight's key to its scale; parameters for
+    which `fp8(name)` is true are kept float8_e4m3fn with a per-row scale (`Linear.scale_weight`).
+    On the CPU a tensor kept as stored is a copy-on-write view of the file mapping; any other is
+    read into its final storage, through one reused buffer when it must be converted.
+    """
+    device = torch.device(device)
+    scales = scales or {}
     pending: dict[str, _Assembly] = {}
     scratch = _Scratch()
-    for header in plan.source.headers:  # shard by shard, tensors in file order
-        jobs = [(k, p) for k, ps in plan.pieces.items() for p in ps if p.header is header]
-        mapping = map_file(header.path) if device.type == "cpu" else None
+    for header in headers:  # shard by shard, tensors in file order
+        jobs = [(k, p) for k, ps in pieces.items() for p in ps if p.header is header]
+        mapping = map_file(header.path) if device.type == "cpu" and jobs else None
         with open(header.path, "rb") as f:
             for key, piece in sorted(jobs, key=lambda j: j[1].info.start):
-                fp8 = weight_format is WeightFormat.FP8 and _FP8_TARGETS.match(key)
-                storage = torch.float8_e4m3fn if fp8 else dtype
-                scale = plan.scales.get(piece.key.removeprefix(plan.prefix))
+                keep_fp8 = fp8 is not None and fp8(key)
+                storage = torch.float8_e4m3fn if keep_fp8 else dtype
+                scale = scales.get(piece.key)
                 if key not in pending and mapping is not None and piece.parts == 1 and scale is None \
-                        and piece.info.dtype == storage and not fp8:
+                        and piece.info.dtype == storage and not keep_fp8:
                     mapped = map_tensor(mapping, piece.info)
                     if mapped is not None:
-                        _assign(model, key, mapped)
+                        _assign(model, key, mapped.reshape(shapes[key]))
                         continue
                 asm = pending.setdefault(key, _Assembly(shapes[key], storage, device))
                 asm.write(f, piece, None if scale is None else _read_small(scale.header.path, scale.info), scratch)
                 if asm.done == piece.parts:
                     _assign(model, key, asm.tensor, asm.scale)
                     del pending[key]
-    return model.eval().requires_grad_(False)
 
 
 class _Assembly:
@@ -213,7 +231,7 @@ class _Assembly:
         if piece.parts > 1:
             n = self.tensor.shape[0] // piece.parts
             rows = slice(piece.part * n, (piece.part + 1) * n)
-        dst = self.tensor[rows]
+        dst = self.tensor[rows].view(piece.info.shape)  # same numel; a 1×1 conv may be stored as a Linear
         if piece.info.dtype == dst.dtype and (scale is None or self.scale is not None):
             if dst.device.type == "cpu":
                 read_into(f, piece.info, dst)  # straight into the final storage
@@ -222,7 +240,7 @@ class _Assembly:
             if self.scale is not None:
                 self.scale[rows] = 1.0 if scale is None else _per_row(scale, dst.shape[0])
         else:
-            w = scratch.read(f, piece.info)
+            w = scratch.read(f, piece.info).view(dst.shape)
             _convert(w, None if scale is None else _per_row(scale, w.shape[0]), dst,
                      None if self.scale is None else self.scale[rows])
         self.done += 1
