@@ -15,7 +15,9 @@ error naming the file and the keys, raised from the headers before any tensor is
 from __future__ import annotations
 
 import json
+import mmap
 import re
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,8 +41,8 @@ class QuantFormat(str, Enum):
     COMFY_QUANT = "comfy_quant"  # newer ComfyUI: `<layer>.weight_scale` + `<layer>.comfy_quant` JSON
 
 
-_SCALE_LEAVES = {"scale_weight", "weight_scale"}
-_IGNORED_LEAVES = {"scale_input", "input_scale", "comfy_quant"}  # activation scales: we upcast weights instead
+SCALE_LEAVES = {"scale_weight", "weight_scale"}
+IGNORED_LEAVES = {"scale_input", "input_scale", "comfy_quant"}  # activation scales: we upcast weights instead
 _FP8_TARGETS = re.compile(
     r"^(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(qkv|out)|feed_forward\.w[123])\.weight$"
 )
@@ -85,15 +87,15 @@ def plan_dit(path: str | Path | Source) -> DiTPlan:
     prefix = find_prefix(k for k in tensors if k != "scaled_fp8")
     bare = {k.removeprefix(prefix): v for k, v in tensors.items()}
     layout = DiTLayout.DIFFUSERS if "all_x_embedder.2-1.weight" in bare else DiTLayout.COMFY
-    quant = _quant_format(bare)
+    quant = quant_format(bare)
     pieces: dict[str, list[Piece]] = defaultdict(list)
     scales: dict[str, Piece] = {}
     ignored: list[str] = []
     for key, (header, info) in bare.items():
         module, leaf = split_key(key)
-        if key == "scaled_fp8" or leaf in _IGNORED_LEAVES or (layout is DiTLayout.COMFY and key in UNUSED_COMFY_KEYS):
+        if key == "scaled_fp8" or leaf in IGNORED_LEAVES or (layout is DiTLayout.COMFY and key in UNUSED_COMFY_KEYS):
             ignored.append(key)
-        elif leaf in _SCALE_LEAVES and quant is not QuantFormat.NONE:
+        elif leaf in SCALE_LEAVES and quant is not QuantFormat.NONE:
             scales[prefix + join_key(module, "weight")] = Piece(header, prefix + key, info)
         else:
             t = to_canonical(module, layout)
@@ -112,7 +114,7 @@ def plan_dit(path: str | Path | Source) -> DiTPlan:
     return plan
 
 
-def _quant_format(bare: dict[str, tuple[Header, TensorInfo]]) -> QuantFormat:
+def quant_format(bare: dict[str, tuple[Header, TensorInfo]]) -> QuantFormat:
     if "scaled_fp8" in bare:
         return QuantFormat.SCALED_FP8
     quant_keys = [k for k in bare if k.endswith(".comfy_quant")]
@@ -190,9 +192,11 @@ def stream_weights(model: nn.Module, headers: Sequence[Header], pieces: Mapping[
     conv stored as a Linear). `scales` maps a stored fp8 weight's key to its scale; parameters for
     which `fp8(name)` is true are kept float8_e4m3fn with a per-row scale (`Linear.scale_weight`).
     On the CPU a tensor kept as stored is a copy-on-write view of the file mapping; any other is
-    read into its final storage, through one reused buffer when it must be converted.
+    read into its final storage, through one reused buffer when it must be converted. The file
+    mappings that back parameters are kept in `model.mapped_files` (see `release_mapped_pages`).
     """
     device = torch.device(device)
+    mapped: list[mmap.mmap] = []
     scales = scales or {}
     pending: dict[str, _Assembly] = {}
     scratch = _Scratch()
@@ -206,15 +210,47 @@ def stream_weights(model: nn.Module, headers: Sequence[Header], pieces: Mapping[
                 scale = scales.get(piece.key)
                 if key not in pending and mapping is not None and piece.parts == 1 and scale is None \
                         and piece.info.dtype == storage and not keep_fp8:
-                    mapped = map_tensor(mapping, piece.info)
-                    if mapped is not None:
-                        _assign(model, key, mapped.reshape(shapes[key]))
+                    view = map_tensor(mapping, piece.info)
+                    if view is not None:
+                        _assign(model, key, view.reshape(shapes[key]))
+                        if not mapped or mapped[-1] is not mapping:
+                            mapped.append(mapping)
                         continue
                 asm = pending.setdefault(key, _Assembly(shapes[key], storage, device))
                 asm.write(f, piece, None if scale is None else _read_small(scale.header.path, scale.info), scratch)
                 if asm.done == piece.parts:
                     _assign(model, key, asm.tensor, asm.scale)
                     del pending[key]
+    model.mapped_files = _Mappings(mapped)
+
+
+class _Mappings(tuple):
+    """The file mappings behind a model's weights; a deep copy of the model shares them (mmaps can't be copied)."""
+
+    def __deepcopy__(self, memo: dict) -> _Mappings:
+        return self
+
+
+_MADV_PAGEOUT = 21  # Linux ≥ 5.4; Python's mmap module does not name it
+
+
+def release_mapped_pages(model: nn.Module) -> bool:
+    """Give the resident pages of `model`'s file-mapped weights back to the OS, keeping the model usable.
+
+    The weights are unchanged: clean pages come back from the file (usually still in the page cache)
+    on next use, and a page written to in place is kept. Used between pipeline stages (the text
+    encoder is idle while the DiT samples), so that peak memory is the largest model, not the sum.
+    Linux only; elsewhere (and for weights that were read, not mapped) this is a no-op returning False.
+    """
+    files = getattr(model, "mapped_files", ())
+    if not files or not sys.platform.startswith("linux"):
+        return False
+    for mapping in files:
+        try:
+            mapping.madvise(_MADV_PAGEOUT)
+        except OSError:  # an older kernel: the advice is only a hint
+            return False
+    return True
 
 
 class _Assembly:

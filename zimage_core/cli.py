@@ -1,7 +1,8 @@
 """Command line: `python -m zimage_core COMMAND …`; each command wraps one core function.
 
-Commands: `inspect PATH` (print the JSON report of `inspect.inspect`). Later: generate, lora, train —
-add a `_add_<command>(commands)` that registers a subparser with `set_defaults(run=…)`.
+Commands: `inspect PATH` (print the JSON report of `inspect.inspect`); `generate` (text to PNG, see
+`generate.py`). Later: lora, train — add a `_add_<command>(commands)` that registers a subparser
+with `set_defaults(run=…)`.
 
 Exit status: 0 on success; 2 on bad input — one line on stderr naming the file and the problem, no
 traceback — as for bad arguments (argparse's convention); anything else is a bug and keeps its traceback.
@@ -15,6 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .generate import add_generate
 from .inspection import inspect
 
 # Bad input as the core reports it: ValueError (JSON and Unicode errors are ValueErrors too) and OSError
@@ -26,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m zimage_core", description="Z-Image tools (zimage_core).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_inspect(commands)
+    add_generate(commands)
     return parser
 
 

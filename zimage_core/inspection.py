@@ -28,6 +28,7 @@ from .checkpoint import plan_dit
 from .probe import ModelKind, classify
 from .safetensors_file import PICKLE_SUFFIXES, Header, TensorInfo, read_tensor
 from .sources import Source, open_source
+from .vae_config import vae_config, vae_layout
 
 Shapes = Mapping[str, Sequence[int]]
 
@@ -212,44 +213,7 @@ def text_encoder_config(shapes: Shapes) -> dict:
 def _vae(src: Source) -> dict:
     tensors = src.tensors()
     shapes = {k: info.shape for k, (_, info) in tensors.items()}
-    return {"layout": vae_layout(shapes), "quant": _quant(tensors), "config": vae_config(shapes)}
-
-
-# layout -> (encoder resnet, decoder resnet) conv1 weight templates; level i, resnet j
-_VAE_RESNETS = {
-    "bfl": ("encoder.down.{i}.block.{j}.conv1.weight", "decoder.up.{i}.block.{j}.conv1.weight"),
-    "diffusers": ("encoder.down_blocks.{i}.resnets.{j}.conv1.weight", "decoder.up_blocks.{i}.resnets.{j}.conv1.weight"),
-}
-
-
-def vae_layout(shapes: Shapes) -> str:
-    """"bfl" (ae.safetensors / ComfyUI: `encoder.down.N.block…`) or "diffusers" (`encoder.down_blocks…`)."""
-    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.", "decoder.mid_block."))
-           for k in shapes):
-        return "diffusers"
-    return "bfl"
-
-
-def vae_config(shapes: Shapes) -> dict:
-    """Channels of an AutoencoderKL from its shapes (diffusers names for the fields)."""
-    layout = vae_layout(shapes)
-    enc, dec = _VAE_RESNETS[layout]
-    channels = _series(shapes, enc, "i", j=0)
-    per_block = len(_series(shapes, enc, "j", i=0))
-    if not channels:  # decoder-only file (one more resnet per level); diffusers counts up blocks from the deepest
-        channels = _series(shapes, dec, "i", j=0)[:: -1 if layout == "diffusers" else 1]
-        per_block = len(_series(shapes, dec, "j", i=0)) - 1
-    latent = _dim(shapes, "decoder.conv_in.weight", 1) or (_dim(shapes, "encoder.conv_out.weight", 0) or 0) // 2
-    return {
-        "latent_channels": latent or None,
-        "block_out_channels": channels,
-        "layers_per_block": per_block if per_block > 0 else None,
-        "in_channels": _dim(shapes, "encoder.conv_in.weight", 1),
-        "out_channels": _dim(shapes, "decoder.conv_out.weight", 0),
-        "encoder": "encoder.conv_in.weight" in shapes,
-        "decoder": "decoder.conv_in.weight" in shapes,
-        "quant_conv": "quant_conv.weight" in shapes or "post_quant_conv.weight" in shapes,
-    }
+    return {"layout": vae_layout(shapes).value, "quant": _quant(tensors), "config": vae_config(shapes)}
 
 
 # --- LoRA ------------------------------------------------------------------------------------------
@@ -391,14 +355,6 @@ def _dim(shapes: Shapes, key: str, axis: int) -> int | None:
 def _count_blocks(shapes: Shapes, prefix: str) -> int:
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
     return len({m.group(1) for k in shapes if (m := pattern.match(k))})
-
-
-def _series(shapes: Shapes, template: str, vary: str, **fixed: int) -> list[int]:
-    """shape[0] of `template` with `vary` = 0, 1, … for as long as the key exists."""
-    out: list[int] = []
-    while (shape := shapes.get(template.format(**{vary: len(out)}, **fixed))) is not None:
-        out.append(int(shape[0]))
-    return out
 
 
 def _clip(value: str) -> str:

@@ -5,6 +5,8 @@ layout (also musubi-tuner, AI Toolkit, DiffSynth) splits q/k/v and renames five 
 *module paths*; a tensor key is a module path plus a leaf (`weight`, `bias`, `scale_weight`, …).
 A split module is one equal row block (`part` of `parts`) of the fused canonical weight:
 rows [part·n, (part+1)·n) with n = out_features / parts.
+
+The Flux VAE's table (diffusers AutoencoderKL → BFL `ae.safetensors` names, ZIMAGE_SPEC §4) is at the end.
 """
 
 from __future__ import annotations
@@ -100,3 +102,67 @@ def find_prefix(keys, prefixes=DIT_PREFIXES) -> str:
         if keys and all(k.startswith(p) for k in keys):
             return p
     return ""
+
+
+# --- Flux VAE (ZIMAGE_SPEC §4) ---------------------------------------------------------------------------
+# Our canonical names are BFL's (`ae.safetensors`, ComfyUI's VAE files): `encoder.down.{i}.block.{j}`,
+# `mid.attn_1.q` (1×1 convs), `decoder.up.{i}` counted from the full-resolution level.
+
+
+class VAELayout(str, Enum):
+    BFL = "bfl"  # ae.safetensors, ComfyUI (LDM names): our names
+    DIFFUSERS = "diffusers"  # AutoencoderKL: vae/diffusion_pytorch_model.safetensors
+
+
+# Containers of a VAE inside another checkpoint: SD-style (`first_stage_model.`), ComfyUI all-in-one (`vae.`).
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+
+_VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+# diffusers module path -> BFL module path. {side} is encoder|decoder, {i} a level, {j} a resnet; {res} and
+# {attn} are renamed by the two tables above; {up} = levels − 1 − i, because diffusers numbers the decoder's
+# up blocks from the deepest level and BFL from the full-resolution one; {mid} = i + 1.
+VAE_DIFFUSERS_TEMPLATES = (
+    ("{side}.conv_in", "{side}.conv_in"),
+    ("{side}.conv_out", "{side}.conv_out"),
+    ("{side}.conv_norm_out", "{side}.norm_out"),
+    ("encoder.down_blocks.{i}.resnets.{j}.{res}", "encoder.down.{i}.block.{j}.{res}"),
+    ("encoder.down_blocks.{i}.downsamplers.0.conv", "encoder.down.{i}.downsample.conv"),
+    ("decoder.up_blocks.{i}.resnets.{j}.{res}", "decoder.up.{up}.block.{j}.{res}"),
+    ("decoder.up_blocks.{i}.upsamplers.0.conv", "decoder.up.{up}.upsample.conv"),
+    ("{side}.mid_block.resnets.{i}.{res}", "{side}.mid.block_{mid}.{res}"),
+    ("{side}.mid_block.attentions.0.{attn}", "{side}.mid.attn_1.{attn}"),
+)
+# BFL attention projections are 1×1 convs [C, C, 1, 1]; diffusers stores them as Linear weights [C, C].
+VAE_LINEAR_AS_CONV = re.compile(r"^(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+
+_VAE_FIELDS = {
+    "side": "(?P<side>encoder|decoder)",
+    "i": r"(?P<i>\d+)",
+    "j": r"(?P<j>\d+)",
+    "res": f"(?P<res>{'|'.join(map(re.escape, _VAE_RESNET))})",
+    "attn": f"(?P<attn>{'|'.join(map(re.escape, _VAE_ATTENTION))})",
+}
+
+
+def _template_pattern(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)  # literal, field, literal, field, …
+    return re.compile("^" + "".join(_VAE_FIELDS[p] if n % 2 else re.escape(p) for n, p in enumerate(parts)) + "$")
+
+
+_VAE_PATTERNS = [(_template_pattern(src), dst) for src, dst in VAE_DIFFUSERS_TEMPLATES]
+
+
+def vae_from_diffusers(module: str, levels: int) -> str | None:
+    """BFL module path of a diffusers AutoencoderKL module path (None if no template matches).
+
+    `levels` is the number of resolution levels (4 for the Flux VAE), needed to renumber decoder up blocks.
+    """
+    for pattern, dst in _VAE_PATTERNS:
+        if m := pattern.match(module):
+            f = m.groupdict()
+            i = int(f["i"]) if f.get("i") else 0
+            return dst.format(side=f.get("side"), i=f.get("i"), j=f.get("j"), res=_VAE_RESNET.get(f.get("res")),
+                              attn=_VAE_ATTENTION.get(f.get("attn")), up=levels - 1 - i, mid=i + 1)
+    return None
