@@ -1,9 +1,13 @@
-"""Demo of the core engine on a tiny RANDOM-WEIGHT DiT (not a real model; real weights can't be bundled).
+"""Demo of the core engine on tiny RANDOM-WEIGHT models (not real models; real weights can't be bundled).
 
-Writes the model in the official sharded layout (transformer/ shards + index), inspects it with the
-CLI, loads it with `load_dit` and runs one DiT forward at a 256x256 image size.
+Writes a DiT in the official sharded layout (transformer/ shards + index), a Qwen3 text encoder as
+ComfyUI's single file and a Flux-shaped VAE as BFL's ae.safetensors; inspects the DiT with the CLI,
+runs one DiT forward, then `python -m zimage_core generate` end to end (Turbo preset, 8 DiT
+forwards, the host's bundled Qwen tokenizer) to a 256x256 PNG. The image is noise-like: the weights
+are random.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,10 +18,11 @@ from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from zimage_core import DiTConfig, DiTLayout, ZImageDiT, load_dit  # noqa: E402
+from zimage_core import FLUX_VAE, DiTConfig, DiTLayout, FluxVAE, ZImageDiT, load_dit  # noqa: E402
 from zimage_core.keymaps import from_canonical, join_key, split_key  # noqa: E402
 
 OUT = ROOT / "demo_out" / "Z-Image-tiny-RANDOM-WEIGHTS"
+TOKENIZER = ROOT / ".host" / "ComfyUI" / "comfy" / "text_encoders" / "qwen25_tokenizer"  # written by setup.sh
 TINY = DiTConfig(dim=256, n_layers=2, n_refiner_layers=2, n_heads=2, cap_feat_dim=64, ffn_dim=682,
                  t_embed_dim=1024, adaln_dim=256)
 
@@ -50,6 +55,34 @@ def main() -> None:
     with torch.no_grad():
         v = dit(x, torch.tensor([0.5]), [torch.randn(12, TINY.cap_feat_dim)])
     print(f"DiT forward: v {tuple(v.shape)} {v.dtype}, mean {v.mean():.4f}, std {v.std():.4f} (t = 1 − σ = 0.5)")
+    te, vae = write_text_encoder(OUT / "qwen_3_4b_tiny.safetensors"), write_vae(OUT / "ae_tiny.safetensors")
+    png = ROOT / "demo_out" / "demo.png"
+    subprocess.run([sys.executable, "-m", "zimage_core", "generate", "--dit", str(OUT), "--text-encoder", str(te),
+                    "--vae", str(vae), "--tokenizer", str(TOKENIZER), "--prompt", "a lighthouse at dusk, oil painting",
+                    "--preset", "turbo", "--width", "256", "--height", "256", "--seed", "42", "--out", str(png),
+                    "--device", "cpu", "--dtype", "fp32"], check=True, cwd=ROOT)
+    print(f"generate: wrote {png} (8 DiT forwards, guidance 0; settings in the PNG metadata)")
+
+
+def write_text_encoder(path: Path) -> Path:
+    """A 2-layer Qwen3 (hidden 64 = the tiny DiT's caption width, the real vocabulary), ComfyUI's key names."""
+    from transformers import Qwen3Config, Qwen3Model
+
+    cfg = Qwen3Config(hidden_size=TINY.cap_feat_dim, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=32, intermediate_size=128, vocab_size=151936)
+    model = Qwen3Model(cfg)
+    save_file({f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def write_vae(path: Path) -> Path:
+    """A narrow Flux-shaped VAE (32 base channels instead of 128), BFL ae.safetensors key names."""
+    vae = FluxVAE(dataclasses.replace(FLUX_VAE, ch=32))
+    for p in vae.parameters():
+        if p.ndim > 1:
+            torch.nn.init.normal_(p, std=p[0].numel() ** -0.5)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, path)
+    return path
 
 
 if __name__ == "__main__":
