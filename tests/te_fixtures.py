@@ -12,7 +12,8 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+from zimage_fixtures import write_shards
 
 # hidden 64 = the tiny DiT's cap_feat_dim (zimage_fixtures.TINY); 3 layers, so one layer runs after L−2.
 TINY_TE = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
@@ -64,15 +65,7 @@ def hf_state_dict(model, lm_head: bool = False) -> dict[str, torch.Tensor]:
 
 def write_official(sd: dict[str, torch.Tensor], root: Path, n_shards: int = 2) -> Path:
     """The diffusers model root: root/text_encoder/model-0000i-of-0000n.safetensors + index, root/tokenizer/."""
-    te = Path(root) / "text_encoder"
-    te.mkdir(parents=True, exist_ok=True)
-    keys = sorted(sd)
-    weight_map = {}
-    for i in range(n_shards):
-        name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-        save_file({k: sd[k] for k in keys[i::n_shards]}, te / name)
-        weight_map.update({k: name for k in keys[i::n_shards]})
-    (te / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    te = write_shards(sd, Path(root) / "text_encoder", "model", n_shards)
     (te / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}))
     write_tiny_tokenizer(Path(root) / "tokenizer")
     return Path(root)

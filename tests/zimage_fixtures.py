@@ -65,19 +65,24 @@ def comfy_state_dict(sd: dict[str, torch.Tensor], norm_final: bool = True) -> di
     return out
 
 
-def write_sharded(sd: dict[str, torch.Tensor], folder: Path, n_shards: int = 3) -> Path:
-    """The official layout: folder/transformer/diffusion_pytorch_model-0000i-of-0000n.safetensors + index."""
-    tdir = Path(folder) / "transformer"
-    tdir.mkdir(parents=True, exist_ok=True)
+def write_shards(sd: dict[str, torch.Tensor], folder: Path, stem: str, n_shards: int) -> Path:
+    """`folder/{stem}-0000i-of-0000n.safetensors` + `{stem}.safetensors.index.json`, keys dealt round-robin."""
+    folder.mkdir(parents=True, exist_ok=True)
     keys = sorted(sd)
     weight_map = {}
     for i in range(n_shards):
-        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        name = f"{stem}-{i + 1:05d}-of-{n_shards:05d}.safetensors"
         chunk = keys[i::n_shards]
-        save_file({k: sd[k].contiguous() for k in chunk}, tdir / name)
+        save_file({k: sd[k].contiguous() for k in chunk}, folder / name)
         weight_map.update({k: name for k in chunk})
-    (tdir / "diffusion_pytorch_model.safetensors.index.json").write_text(
+    (folder / f"{stem}.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    return folder
+
+
+def write_sharded(sd: dict[str, torch.Tensor], folder: Path, n_shards: int = 3) -> Path:
+    """The official layout: folder/transformer/diffusion_pytorch_model-0000i-of-0000n.safetensors + index."""
+    tdir = write_shards(sd, Path(folder) / "transformer", "diffusion_pytorch_model", n_shards)
     (tdir / "config.json").write_text(json.dumps({"_class_name": "ZImageTransformer2DModel"}))
     return Path(folder)
 

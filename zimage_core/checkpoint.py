@@ -148,20 +148,31 @@ def _joined_shape(key: str, pieces: list[Piece]) -> tuple[int, ...]:
 def _check_against_model(plan: DiTPlan) -> None:
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in ZImageDiT(plan.config).state_dict().items()}
-    got = plan.shapes
     where = f"{plan.source.path} (detected {plan.layout.value} layout, {plan.config.n_layers} layers)"
-    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys, e.g. {missing[:5]}")
+    check_keys(where, expected, plan.shapes, stored=lambda k: plan.pieces[k][0].key if k in plan.pieces else k)
+
+
+def check_keys(where: str, expected: Mapping[str, tuple[int, ...]], got: Mapping[str, Sequence[int]],
+               stored: Callable[[str], str] = str, stray: Sequence[str] = (),
+               fits: Callable[[str, tuple[int, ...], tuple[int, ...]], bool] | None = None) -> None:
+    """Strict loading from headers: every expected key present, none extra, every shape right.
+
+    One ValueError naming `where` and up to five keys of each problem. `stored(key)` gives the name a
+    key has (or would have) in the file, `stray` are stored keys that map to nothing, `fits(key, got, expected)` may
+    accept a shape that differs but loads (a Linear filling a 1×1 conv).
+    """
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(stored(k) for k in set(got) - set(expected)) + sorted(stray)
+    problems = [f"{len(missing)} missing keys, e.g. {[stored(k) for k in missing[:5]]}"] if missing else []
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys, e.g. {[plan.pieces[k][0].key for k in unexpected[:5]]}")
+        problems.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:5]}")
+    wrong = [(k, tuple(got[k]), e) for k, e in expected.items()
+             if k in got and tuple(got[k]) != e and not (fits and fits(k, tuple(got[k]), e))]
+    if wrong:
+        problems.append(f"shape mismatch for {len(wrong)} keys, e.g. "
+                        + "; ".join(f"{stored(k)}: file {list(g)} vs model {list(e)}" for k, g, e in wrong[:5]))
     if problems:
         raise ValueError(f"{where}: {'; '.join(problems)}")
-    wrong = [(k, got[k], expected[k]) for k in expected if got[k] != expected[k]]
-    if wrong:
-        raise ValueError(f"{where}: shape mismatch for {len(wrong)} keys, e.g. "
-                         + "; ".join(f"{k}: file {list(g)} vs model {list(e)}" for k, g, e in wrong[:5]))
 
 
 def load_dit(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16,

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .checkpoint import IGNORED_LEAVES, SCALE_LEAVES, Piece, QuantFormat, quant_format, stream_weights
+from .checkpoint import IGNORED_LEAVES, SCALE_LEAVES, Piece, QuantFormat, check_keys, quant_format, stream_weights
 from .config import WeightFormat
 from .dit import Linear
 from .inspection import text_encoder_config
@@ -191,17 +191,7 @@ def _check_keys(src: Source, config: TextEncoderConfig, shapes: dict, prefix: st
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Qwen3Model(config.to_hf()).state_dict().items()}
     where = f"{src.path} (Qwen3 text encoder, {config.layers} layers, hidden {config.hidden}, prefix {prefix!r})"
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(prefix + k for k in set(shapes) - set(expected)) + sorted(stray)
-    problems = [f"{len(missing)} missing keys, e.g. {[prefix + k for k in missing[:5]]}"] if missing else []
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:5]}")
-    wrong = [(k, shapes[k], expected[k]) for k in expected if k in shapes and tuple(shapes[k]) != expected[k]]
-    if wrong:
-        problems.append(f"shape mismatch for {len(wrong)} keys, e.g. "
-                        + "; ".join(f"{prefix}{k}: file {list(g)} vs model {list(e)}" for k, g, e in wrong[:5]))
-    if problems:
-        raise ValueError(f"{where}: {'; '.join(problems)}")
+    check_keys(where, expected, shapes, stored=lambda k: prefix + k, stray=stray)
 
 
 def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import Piece, stream_weights
+from .checkpoint import Piece, check_keys, stream_weights
 from .keymaps import VAE_LINEAR_AS_CONV, VAE_PREFIXES, VAELayout, join_key, split_key, vae_from_diffusers
 from .probe import FOREIGN_NAMES, ModelKind, classify
 from .sources import Source, open_source
@@ -342,19 +342,8 @@ def _check_against_model(path: Path, layout: VAELayout, config: VAEConfig, got: 
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in FluxVAE(config).state_dict().items()}
     where = f"{path} (detected {layout.value} layout, {len(config.ch_mult)} levels)"
-    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys, e.g. {missing[:5]}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys, e.g. {[stored[k] for k in unexpected[:5]]}")
-    if problems:
-        raise ValueError(f"{where}: {'; '.join(problems)}")
-    wrong = [(k, got[k], e) for k, e in expected.items()
-             if got[k] != e and not (VAE_LINEAR_AS_CONV.match(k) and (*got[k], 1, 1) == e)]
-    if wrong:
-        raise ValueError(f"{where}: shape mismatch for {len(wrong)} keys, e.g. "
-                         + "; ".join(f"{stored[k]}: file {list(g)} vs model {list(e)}" for k, g, e in wrong[:5]))
+    check_keys(where, expected, got, stored=lambda k: stored.get(k, k),
+               fits=lambda k, g, e: bool(VAE_LINEAR_AS_CONV.match(k)) and (*g, 1, 1) == e)
     return expected
 
 
