@@ -7,10 +7,11 @@ and to ComfyUI's conventions where the two differ in what the user controls:
 - img2img: `denoise` d < 1 runs the last `steps` σ of a `int(steps/d)`-step schedule (ComfyUI's
   KSampler) from x = σ₀·noise + (1 − σ₀)·latent, so `steps` is always the number of DiT forwards.
 
-Memory: each model is needed in one stage only. After its stage, the pages of its file-mapped
-weights are handed back to the OS (`release_mapped_pages`; CPU, weights kept in their stored dtype,
-Linux), so peak memory is the largest model plus activations, not the sum of the three. The models
-stay loaded: a page comes back from the page cache when it is next used.
+Memory: each model is needed in one stage. After its stage, its file-mapped weights leave this
+process's resident memory (`release_mapped_pages`; CPU, weights kept in their stored dtype, Linux)
+while staying in the OS page cache, so peak memory is one model plus its stage's activations, not
+the sum of the three. The models stay loaded: their pages come back from the page cache on next use
+(about 0.02 s per GB).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def generate(dit, text_encoder, vae, prompt: str | Sequence[str], size: ImageSiz
         latent = latent.to(device)
     x0 = sample(dit, noise, [c.to(device) for c in cond], cfg, None if neg is None else [c.to(device) for c in neg],
                 latent, strength, on_step, should_stop)
-    release_mapped_pages(dit)
+    release_mapped_pages(dit)  # decoding needs the memory; the pages come back from the page cache
     pixels = vae.decode(x0.to(next(vae.parameters()).device), tile_size=tile_size)
     release_mapped_pages(vae)
     return (pixels / 2 + 0.5).clamp_(0, 1)

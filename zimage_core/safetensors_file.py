@@ -13,11 +13,13 @@ import json
 import mmap
 import os
 import struct
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import torch
 
 DTYPES = {
@@ -133,6 +135,38 @@ def map_file(path: Path) -> mmap.mmap:
     """A private (copy-on-write) mapping of the whole file; it stays valid after the file is closed."""
     with open(path, "rb") as f:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+
+def release_mapping(mapping: mmap.mmap) -> bool:
+    """Unmap the resident pages of an unmodified file mapping (MADV_DONTNEED); they stay in the page cache.
+
+    On a private mapping MADV_DONTNEED would also discard pages written to in place, so a mapping with
+    any such page (counted as "Anonymous" in /proc/self/smaps) is left alone. (MADV_PAGEOUT would keep
+    them, but it evicts the clean pages from the page cache too, so they come back from disk.) Linux only.
+    """
+    if not sys.platform.startswith("linux") or len(mapping) == 0:
+        return False
+    view = np.frombuffer(mapping, dtype=np.uint8)
+    start, end = view.ctypes.data, view.ctypes.data + len(mapping)
+    del view  # release the buffer export
+    if _anonymous_kib(start, end) != 0:
+        return False
+    mapping.madvise(mmap.MADV_DONTNEED)
+    return True
+
+
+def _anonymous_kib(start: int, end: int) -> int:
+    """Private (written-to) memory inside [start, end) of this process's address space, from /proc/self/smaps."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's header line: "lo-hi perms ..."
+                lo, hi = (int(x, 16) for x in first.split("-"))
+                inside = lo < end and hi > start
+            elif inside and first == "Anonymous:":
+                total += int(line.split()[1])
+    return total
 
 
 def map_tensor(mapping: mmap.mmap, info: TensorInfo) -> torch.Tensor | None:
