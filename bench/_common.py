@@ -50,3 +50,23 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+STATUS_FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
+
+
+def read_status() -> dict[str, int]:
+    """Memory fields of /proc/self/status, in bytes."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in STATUS_FIELDS:
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def disk_read_kib() -> int:
+    """KiB read from block devices since boot, machine-wide (/proc/vmstat pgpgin)."""
+    with open("/proc/vmstat") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("pgpgin "))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _common import OUT_DIR, add_repo_paths, import_comfy, table, write_json
+from _common import OUT_DIR, add_repo_paths, disk_read_kib, import_comfy, read_status, table, write_json
 from synth_ckpt import (
     CHECK_KEYS,
     COMFY_FILE,
@@ -119,20 +119,6 @@ LOADERS = (
 
 # ---------------------------------------------------------------------------------------------- child
 
-_STATUS_FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
-
-
-def read_status() -> dict[str, int]:
-    """Memory fields of /proc/self/status, in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in _STATUS_FIELDS:
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
 class RssSampler(threading.Thread):
     """Samples RssAnon / RssFile every 20 ms: VmHWM counts mapped file pages too, this tells them apart."""
 
@@ -184,12 +170,6 @@ def mapped_files(root: Path) -> list[str]:
     return sorted(Path(p).name for p in paths if p.startswith(str(root.resolve())))
 
 
-def _disk_read_kib() -> int:
-    """KiB read from block devices since boot, machine-wide (/proc/vmstat pgpgin)."""
-    with open("/proc/vmstat") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("pgpgin "))
-
-
 def child_main(name: str, root: Path) -> None:
     """Run one loader in this (fresh) process and print one `RESULT {json}` line."""
     Path("/proc/self/oom_score_adj").write_text("1000")  # if memory runs out, the kernel kills this child
@@ -198,10 +178,10 @@ def child_main(name: str, root: Path) -> None:
     res: dict = {"rss_before_load": read_status()["VmRSS"]}
     sampler = RssSampler()
     sampler.start()
-    t0, kib0 = time.perf_counter(), _disk_read_kib()
+    t0, kib0 = time.perf_counter(), disk_read_kib()
     model = load()
     res["load_s"] = time.perf_counter() - t0
-    res["disk_read_gb"] = (_disk_read_kib() - kib0) * 1024 / 1e9
+    res["disk_read_gb"] = (disk_read_kib() - kib0) * 1024 / 1e9
     res["sampled_peak"], res["after_load"] = sampler.stop(), read_status()
     res["still_mapped"] = mapped_files(root)
     tensors = tensors_of(model)

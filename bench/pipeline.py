@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _common import OUT_DIR, REPO, add_repo_paths, table, write_json
+from _common import OUT_DIR, REPO, add_repo_paths, disk_read_kib, read_status, table, write_json
 from synth_ckpt import TURBO_CONFIG, StreamingSafetensorsWriter
 
 # ---------------------------------------------------------------------------------------------- the model root
@@ -350,20 +350,6 @@ IMPLS = (
 
 # ---------------------------------------------------------------------------------------------- child
 
-_STATUS_FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
-
-
-def read_status() -> dict[str, int]:
-    """Memory fields of /proc/self/status, in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in _STATUS_FIELDS:
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
 def reset_hwm() -> bool:
     """Reset VmHWM to the current RSS (/proc/self/clear_refs 5), so the next read is the peak since now."""
     try:
@@ -400,12 +386,6 @@ def out_name(size: int) -> str:
     return "pipeline" if size == 256 else f"pipeline_{size}"
 
 
-def _disk_read_kib() -> int:
-    """KiB read from block devices since boot, machine-wide (/proc/vmstat pgpgin)."""
-    with open("/proc/vmstat") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("pgpgin "))
-
-
 def child_main(name: str, root: Path, size: int, repeats: int) -> None:
     """Run one implementation in this (fresh) process and print one `RESULT {json}` line."""
     Path("/proc/self/oom_score_adj").write_text("1000")  # if memory runs out, the kernel kills this child
@@ -416,10 +396,10 @@ def child_main(name: str, root: Path, size: int, repeats: int) -> None:
     res: dict = {"threads": torch.get_num_threads(), "after_import": read_status()}
     sampler = RssSampler()
     sampler.start()
-    t0, kib0 = time.perf_counter(), _disk_read_kib()
+    t0, kib0 = time.perf_counter(), disk_read_kib()
     models = load()
     res["load_s"] = time.perf_counter() - t0
-    res["load_disk_read_gb"] = (_disk_read_kib() - kib0) * 1024 / 1e9
+    res["load_disk_read_gb"] = (disk_read_kib() - kib0) * 1024 / 1e9
     res["after_load"] = read_status()  # VmHWM here: the peak of the load
     res["load_sampled_peak"] = sampler.take()
     res["hwm_reset"] = reset_hwm()
@@ -427,7 +407,7 @@ def child_main(name: str, root: Path, size: int, repeats: int) -> None:
     gens, images = [], []
     for i in range(1 + repeats):
         timers.current = {}
-        ru0, kib0, c0 = resource.getrusage(resource.RUSAGE_SELF), _disk_read_kib(), time.process_time()
+        ru0, kib0, c0 = resource.getrusage(resource.RUSAGE_SELF), disk_read_kib(), time.process_time()
         t0 = time.perf_counter()
         image = generate(models)
         wall = time.perf_counter() - t0
@@ -435,7 +415,7 @@ def child_main(name: str, root: Path, size: int, repeats: int) -> None:
         gens.append({"warmup": i == 0, "wall_s": wall, "cpu_per_wall": (time.process_time() - c0) / wall,
                      "stages": dict(timers.current), "major_faults": ru1.ru_majflt - ru0.ru_majflt,
                      "minor_faults": ru1.ru_minflt - ru0.ru_minflt,
-                     "disk_read_gb": (_disk_read_kib() - kib0) * 1024 / 1e9, "status": read_status()})
+                     "disk_read_gb": (disk_read_kib() - kib0) * 1024 / 1e9, "status": read_status()})
         images.append(image)
         print(f"  [{name}] generation {i} ({'warm-up' if i == 0 else 'timed'}): {wall:.2f} s", file=sys.stderr,
               flush=True)
