@@ -37,7 +37,7 @@ from synth_ckpt import TURBO_CONFIG, StreamingSafetensorsWriter
 FORMAT_VERSION = 1
 MARKER = "bench_root.json"  # written last: a folder without a current one is regenerated
 BPE_FROM = REPO / ".host" / "ComfyUI" / "comfy" / "text_encoders" / "qwen25_tokenizer"
-VAE_KEYS = REPO.parent / "shared" / "docs" / "keys" / "keys_vae_flux_diffusers.txt"
+VAE_KEYS = REPO / "tests" / "fixtures" / "keys" / "keys_vae_flux_diffusers.txt"  # a copy of shared/docs/keys
 
 # Real widths, few blocks. The full model has 30 main + 2 noise-refiner + 2 context-refiner DiT blocks and
 # 36 text-encoder layers; here 3 + 1 + 1 (5 of 34 blocks, 15 %) and 5 of 36 layers (14 %), so the TE / DiT

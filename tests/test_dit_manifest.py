@@ -5,23 +5,12 @@ names follow from the key-map table, shapes match, and the parameter count is 6,
 Breaks if a module is renamed, a shape formula drifts, or the key-map table loses an entry.
 """
 
-from pathlib import Path
 
 import torch
 
 from zimage_core import Z_IMAGE_6B, DiTConfig, ZImageDiT
 from zimage_core.keymaps import DiTLayout, from_canonical, join_key, split_key
-
-KEYS = Path(__file__).parent / "fixtures" / "keys"
-
-
-def manifest(name: str) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for line in (KEYS / name).read_text().splitlines():
-        if line and not line.startswith("#"):
-            key, shape = line.split("\t")
-            out[key] = tuple(int(s) for s in shape.strip("[]").split(",") if s.strip())
-    return out
+from zimage_fixtures import manifest
 
 
 def meta_6b() -> ZImageDiT:

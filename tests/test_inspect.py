@@ -34,7 +34,6 @@ import zimage_fixtures as zf
 from zimage_core.inspection import inspect, text_encoder_config, vae_config
 
 REPO = Path(__file__).resolve().parent.parent
-KEYS = Path(__file__).parent / "fixtures" / "keys"
 DIM, FFN, N_LAYERS = 256, 682, 2  # zimage_fixtures.TINY; FFN = int(256 / 3 * 8) as diffusers builds it
 RANK = 4
 TINY_DIT_CONFIG = dict(dim=256, n_layers=2, n_refiner_layers=2, n_heads=2, cap_feat_dim=64, ffn_dim=682,
@@ -50,11 +49,6 @@ def run_cli(path: Path) -> dict:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
-
-
-def manifest(name: str) -> dict[str, list[int]]:
-    lines = (KEYS / name).read_text().splitlines()
-    return {k: json.loads(s) for k, s in (line.split("\t") for line in lines if line and not line.startswith("#"))}
 
 
 # --- DiT ---------------------------------------------------------------------------------------------
@@ -167,7 +161,7 @@ def test_text_encoder(text_encoder, reads, name, layout, prefix):
 
 
 def test_text_encoder_config_of_the_real_qwen3_4b():
-    real = manifest("keys_te_qwen3_4b_comfy.txt")
+    real = zf.manifest("keys_te_qwen3_4b_comfy.txt")
     shapes = {k.removeprefix("model."): v for k, v in real.items()}
     assert text_encoder_config(shapes) == dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32,
                                                num_key_value_heads=8, head_dim=128, intermediate_size=9728,
@@ -203,14 +197,14 @@ def bfl_vae(sd: dict, levels: int) -> dict:
 
 
 def test_bfl_renaming_turns_the_real_diffusers_vae_into_the_real_comfy_vae():
-    diffusers = {k: torch.empty(s, device="meta") for k, s in manifest("keys_vae_flux_diffusers.txt").items()}
-    renamed = {k: list(v.shape) for k, v in bfl_vae(diffusers, levels=4).items()}
-    assert renamed == manifest("keys_vae_flux_comfy.txt")
+    diffusers = {k: torch.empty(s, device="meta") for k, s in zf.manifest("keys_vae_flux_diffusers.txt").items()}
+    renamed = {k: tuple(v.shape) for k, v in bfl_vae(diffusers, levels=4).items()}
+    assert renamed == zf.manifest("keys_vae_flux_comfy.txt")
 
 
 @pytest.mark.parametrize("name", ["keys_vae_flux_comfy.txt", "keys_vae_flux_diffusers.txt"])
 def test_vae_config_of_the_real_flux_vae(name):
-    assert vae_config(manifest(name)) == dict(latent_channels=16, block_out_channels=[128, 256, 512, 512],
+    assert vae_config(zf.manifest(name)) == dict(latent_channels=16, block_out_channels=[128, 256, 512, 512],
                                               layers_per_block=2, in_channels=3, out_channels=3, encoder=True,
                                               decoder=True, quant_conv=False)
 

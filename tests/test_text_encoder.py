@@ -10,9 +10,7 @@ a Qwen3 one, and the per-text cache. Reference: diffusers 0.42.1 `ZImagePipeline
 transformers Qwen3Model with the same random weights (fp32, CPU). Bound: max |ours − ref| / max |ref| ≤ 1e-5.
 """
 
-import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -33,10 +31,9 @@ from zimage_core.text_encoder import (
     plan_text_encoder,
     tokenize_prompt,
 )
-from zimage_fixtures import dequantised, rel_err
+from zimage_fixtures import dequantised, manifest, rel_err
 
 BOUND = 1e-5
-KEYS = Path(__file__).parent / "fixtures" / "keys"
 COMFY_TOKENIZER = HOST_DIR / "comfy" / "text_encoders" / "qwen25_tokenizer"
 PROMPT_SETS = [
     ["a photo of a cat"],
@@ -274,9 +271,7 @@ def test_qwen3_4b_preset_matches_the_real_key_manifest():
     """Breaks if QWEN3_4B or to_hf() disagree with the real qwen_3_4b.safetensors header (398 tensors)."""
     from transformers import Qwen3Model
 
-    lines = (KEYS / "keys_te_qwen3_4b_comfy.txt").read_text().splitlines()
-    real = {k.removeprefix("model."): tuple(json.loads(s)) for k, s in (ln.split("\t") for ln in lines
-                                                                      if ln and not ln.startswith("#"))}
+    real = {k.removeprefix("model."): s for k, s in manifest("keys_te_qwen3_4b_comfy.txt").items()}
     assert len(real) == 398
     assert TextEncoderConfig.from_key_shapes(real) == QWEN3_4B
     with torch.device("meta"):

@@ -27,17 +27,11 @@ import vae_fixtures as vf
 from zimage_core import vae as vae_module
 from zimage_core.keymaps import VAE_LINEAR_AS_CONV, join_key, split_key, vae_from_diffusers
 from zimage_core.vae import FLUX_VAE, FluxVAE, VAEConfig, load_vae, plan_vae
-from zimage_fixtures import rel_err
+from zimage_fixtures import manifest, rel_err
 
 REPO = Path(__file__).resolve().parent.parent
-KEYS = REPO.parent / "shared" / "docs" / "keys"
 PARITY = 1e-5  # max |ours − diffusers| / max |diffusers|
 TILED = 2e-3  # max |banded − whole| on [-1, 1] pixels
-
-
-def manifest(name: str) -> dict[str, list[int]]:
-    rows = [line.split("\t") for line in (KEYS / name).read_text().splitlines() if line and not line.startswith("#")]
-    return {k: json.loads(s) for k, s in rows}
 
 
 # --- names -------------------------------------------------------------------------------------------
@@ -48,7 +42,7 @@ def test_model_has_exactly_the_keys_and_shapes_of_the_real_ae_safetensors():
     real = manifest("keys_vae_flux_comfy.txt")
     assert VAEConfig.from_key_shapes(real) == FLUX_VAE
     with torch.device("meta"):
-        ours = {k: list(v.shape) for k, v in FluxVAE(FLUX_VAE).state_dict().items()}
+        ours = {k: tuple(v.shape) for k, v in FluxVAE(FLUX_VAE).state_dict().items()}
     assert ours == real
 
 
@@ -58,14 +52,14 @@ def test_keymaps_turn_the_real_diffusers_vae_into_the_real_ae_safetensors():
     for key, shape in manifest("keys_vae_flux_diffusers.txt").items():
         module, leaf = split_key(key)
         ours = join_key(vae_from_diffusers(module, levels=4), leaf)
-        renamed[ours] = shape + [1, 1] if VAE_LINEAR_AS_CONV.match(ours) else shape
+        renamed[ours] = shape + (1, 1) if VAE_LINEAR_AS_CONV.match(ours) else shape
     assert renamed == manifest("keys_vae_flux_comfy.txt")
 
 
 def test_the_fixture_mapping_agrees_with_the_real_files():
     """Guards the independent BFL mapping of vae_fixtures (the parity tests below rely on it)."""
     diffusers = {k: torch.empty(s, device="meta") for k, s in manifest("keys_vae_flux_diffusers.txt").items()}
-    assert {k: list(v.shape) for k, v in vf.bfl_state_dict(diffusers).items()} == manifest("keys_vae_flux_comfy.txt")
+    assert {k: tuple(v.shape) for k, v in vf.bfl_state_dict(diffusers).items()} == manifest("keys_vae_flux_comfy.txt")
 
 
 # --- parity with diffusers ---------------------------------------------------------------------------

@@ -20,6 +20,15 @@ TINY = dict(dim=256, n_layers=2, n_refiner_layers=2, n_heads=2, n_kv_heads=2, ca
             axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
 
 
+KEYS = Path(__file__).parent / "fixtures" / "keys"  # copies of shared/docs/keys: the real files' key manifests
+
+
+def manifest(name: str) -> dict[str, tuple[int, ...]]:
+    """key → shape of a real checkpoint, from its manifest (`key<TAB>[d0, d1, …]` lines, `#` comments)."""
+    rows = [line.split("\t") for line in (KEYS / name).read_text().splitlines() if line and not line.startswith("#")]
+    return {k: tuple(json.loads(s)) for k, s in rows}
+
+
 def diffusers_dit(seed: int = 0, **overrides):
     """A diffusers ZImageTransformer2DModel with every parameter random (norms ≈ 1, pad tokens ~ N(0,1))."""
     from diffusers import ZImageTransformer2DModel
