@@ -1,10 +1,12 @@
 """ComfyUI adapters over `zimage_core`. Only this folder may import ComfyUI modules.
 
-The nodes themselves arrive with the node-pack issue; the mappings are public API (node ids are
-stored in every saved workflow), so they are merged here from the per-file tables.
+The mappings are public API (node ids are stored in every saved workflow): merged here from the
+per-file tables; display names come from each class's TITLE.
 """
 
-NODE_CLASS_MAPPINGS: dict = {}
+from . import loaders, sampling
+
+NODE_CLASS_MAPPINGS: dict = {**loaders.NODE_CLASS_MAPPINGS, **sampling.NODE_CLASS_MAPPINGS}
 NODE_DISPLAY_NAME_MAPPINGS: dict = {
     node_id: getattr(cls, "TITLE", node_id) for node_id, cls in NODE_CLASS_MAPPINGS.items()
 }

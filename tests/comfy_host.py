@@ -7,10 +7,15 @@ Run as a script, it is setup.sh's smoke check and exits 1 unless ComfyUI imports
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -90,6 +95,99 @@ def pack_import_problems(log: str) -> list[str]:
     if not re.search(rf"seconds: {re.escape(str(PACK_PATH))}\s*$", log, re.MULTILINE):
         problems.append(f"no successful import of {PACK_PATH} in 'Import times for custom nodes'")
     return problems
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_extra_paths(path: Path, models_dir: Path) -> Path:
+    """An --extra-model-paths-config file: this pack (via HOST_ROOT/custom_nodes) plus models under `models_dir`."""
+    folders = "".join(f"    {key}: {key}\n" for key in ("diffusion_models", "text_encoders", "vae", "diffusers"))
+    head = f"zimage_test_models:\n    base_path: {models_dir}\n    custom_nodes: {HOST_ROOT / 'custom_nodes'}\n"
+    path.write_text(head + folders)
+    return path
+
+
+class Server:
+    """A real ComfyUI server on 127.0.0.1 (`main.py --cpu`), started and stopped by PID; stdlib HTTP only.
+
+    `base_dir` is --base-directory (input/output/user); models come from `extra_paths` (write_extra_paths).
+    """
+
+    def __init__(self, base_dir: Path, extra_paths: Path, log_path: Path):
+        _require(HOST_DIR / "main.py")
+        self.base_dir, self.extra_paths, self.log_path = Path(base_dir), Path(extra_paths), Path(log_path)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90) -> Server:
+        cmd = [
+            sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
+            "--base-directory", str(self.base_dir), "--extra-model-paths-config", str(self.extra_paths),
+        ]  # fmt: skip
+        (self.base_dir / "custom_nodes").mkdir(parents=True, exist_ok=True)  # main.py lists it; absent = crash
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=HOST_DIR, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode} before serving:\n{self.log()}")
+            try:
+                self.get("/system_stats")
+                return self
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(f"ComfyUI did not answer within {timeout} s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict) -> tuple[int, dict]:
+        """(HTTP status, JSON body); a 4xx answer (e.g. a prompt that fails validation) is returned, not raised."""
+        req = urllib.request.Request(self.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def queue(self, prompt: dict) -> str:
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": "zimage-tests"})
+        if status != 200:
+            raise AssertionError(f"POST /prompt answered {status}: {json.dumps(body)[:2000]}")
+        return body["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 120) -> dict:
+        """The /history entry of a finished prompt (`status.status_str` is "success" or "error")."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                return entry
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI died with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {prompt_id} not finished after {timeout} s:\n{self.log()[-4000:]}")
 
 
 def main() -> int:

@@ -186,3 +186,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(files, tmp_path, capsys, extra, me
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_public_generate_is_the_function_even_after_the_cli_is_imported():
+    """Breaks if a submodule named like a public function shadows it (`import zimage_core.cli` did once)."""
+    import zimage_core
+    import zimage_core.cli  # noqa: F401
+
+    assert zimage_core.generate is generate

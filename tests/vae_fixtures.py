@@ -19,13 +19,14 @@ CH_MULT = (1, 2, 4, 4)
 SCALE, SHIFT = 0.3611, 0.1159  # the Flux latent normalisation
 
 
-def diffusers_vae(seed: int = 0, latent_channels: int = 16, quant_conv: bool = False):
-    """A diffusers AutoencoderKL shaped like the Flux VAE (or, with 4 channels and quant convs, like SD/SDXL's)."""
+def diffusers_vae(seed: int = 0, latent_channels: int = 16, quant_conv: bool = False, ch: int = CH):
+    """A diffusers AutoencoderKL shaped like the Flux VAE (or, with 4 channels and quant convs, like SD/SDXL's);
+    `ch=128` is the real width (83.8M parameters), which ComfyUI's own VAELoader requires."""
     from diffusers import AutoencoderKL
 
     model = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(CH_MULT),
                           up_block_types=("UpDecoderBlock2D",) * len(CH_MULT),
-                          block_out_channels=tuple(CH * m for m in CH_MULT), layers_per_block=2,
+                          block_out_channels=tuple(ch * m for m in CH_MULT), layers_per_block=2,
                           latent_channels=latent_channels, norm_num_groups=32, scaling_factor=SCALE,
                           shift_factor=SHIFT, use_quant_conv=quant_conv, use_post_quant_conv=quant_conv).eval()
     g = torch.Generator().manual_seed(seed)

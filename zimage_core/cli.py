@@ -1,7 +1,7 @@
 """Command line: `python -m zimage_core COMMAND …`; each command wraps one core function.
 
 Commands: `inspect PATH` (print the JSON report of `inspect.inspect`); `generate` (text to PNG, see
-`generate.py`). Later: lora, train — add a `_add_<command>(commands)` that registers a subparser
+`cli_generate.py`). Later: lora, train — add a `_add_<command>(commands)` that registers a subparser
 with `set_defaults(run=…)`.
 
 Exit status: 0 on success; 2 on bad input — one line on stderr naming the file and the problem, no
@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .generate import add_generate
+from .cli_generate import add_generate
 from .inspection import inspect
 
 # Bad input as the core reports it: ValueError (JSON and Unicode errors are ValueErrors too) and OSError

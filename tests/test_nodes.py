@@ -1,0 +1,131 @@
+"""The nodes' host conventions, in-process against ComfyUI 0.3.75's own modules (no server).
+
+Locks in: ComfyUI's interrupt flag stops our sampler before the next DiT forward with ComfyUI's own
+InterruptProcessingException (so the UI says "interrupted", not an error); the progress bar gets one
+update per step; widget sentinels (steps 0, guidance −1, shift 0) mean "the preset's"; CONDITIONING
+padding is dropped by its attention mask; LATENT ↔ model space uses ComfyUI's Flux latent format and
+leaves an all-zero (empty) latent unshifted, as KSampler does; batch_index latents get KSampler's noise.
+Breaks if a host convention in nodes/_host.py drifts from ComfyUI's code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import comfy_host
+from zimage_core import PRESETS, Preset, SamplerConfig, load_dit
+from zimage_fixtures import comfy_state_dict, diffusers_dit
+
+REPO = Path(__file__).resolve().parent.parent
+PACK = "zimage_pack_under_test"  # not "comfyui_zimage": test_pack_import checks that name stays unimported
+
+
+@pytest.fixture(scope="module")
+def pack():
+    comfy_host.import_comfy()
+    spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        for name in [n for n in sys.modules if n == PACK or n.startswith(PACK + ".")]:
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def dit(tmp_path_factory):
+    path = tmp_path_factory.mktemp("nodes") / "dit.safetensors"
+    save_file(comfy_state_dict(diffusers_dit(seed=3).state_dict()), path)
+    return load_dit(path, "cpu", torch.float32)
+
+
+def positive(length: int = 5, dim: int = 64) -> list:
+    cap = torch.randn(1, length, dim, generator=torch.Generator().manual_seed(0))
+    return [[cap, {"pooled_output": None, "attention_mask": torch.ones(1, length, dtype=torch.long)}]]
+
+
+def run_sampler(pack, dit, **kw):
+    args = dict(positive=positive(), latent={"samples": torch.zeros(1, 16, 4, 4)}, preset="turbo", seed=1, steps=3,
+                guidance=0.0, shift=3.0, denoise=1.0) | kw
+    return pack.nodes.sampling.ZImageSampler().sample(dit, **args)[0]
+
+
+def test_interrupt_raises_comfyuis_exception_before_a_forward(pack, dit):
+    import comfy.model_management as mm
+
+    calls = []
+    hook = dit.register_forward_hook(lambda *a: calls.append(1))
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run_sampler(pack, dit)
+    finally:
+        mm.interrupt_current_processing(False)
+        hook.remove()
+    assert calls == []
+    assert not mm.processing_interrupted()  # consumed, as ComfyUI's own check does
+
+
+def test_progress_bar_gets_every_step(pack, dit):
+    import comfy.utils
+
+    seen = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total)))
+    try:
+        out = run_sampler(pack, dit, steps=3)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert out["samples"].shape == (1, 16, 4, 4) and out["samples"].dtype == torch.float32
+
+
+def test_widget_sentinels_mean_the_preset(pack):
+    def config(*args):  # as a dict: the pack's copy of zimage_core has its own SamplerConfig class
+        return asdict(pack.nodes._host.sampler_config(*args))
+
+    assert config("base", 0, -1.0, 0.0) == asdict(PRESETS[Preset.BASE])
+    assert config("turbo", 9, 0.5, 2.0) == asdict(SamplerConfig(steps=9, guidance=0.5, shift=2.0))
+    with pytest.raises(ValueError):
+        config("turbo-xl", 0, -1.0, 0.0)
+
+
+def test_conditioning_padding_and_batch(pack):
+    captions = pack.nodes._host.captions
+    cond = torch.randn(2, 6, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    caps = captions([[cond, {"attention_mask": mask}]], 2)
+    assert [c.shape[0] for c in caps] == [4, 6] and torch.equal(caps[0], cond[0, :4])
+    assert len(captions(positive(), 3)) == 3  # one prompt for a batch of 3 latents
+    with pytest.raises(ValueError, match="one conditioning entry"):
+        captions(positive() + positive(), 1)
+    with pytest.raises(ValueError, match="does not match"):
+        captions([[cond, {"attention_mask": mask}]], 3)
+
+
+def test_latent_conventions_follow_comfyui(pack):
+    import comfy.latent_formats
+    import comfy.sample
+
+    host = pack.nodes._host
+    z = torch.randn(2, 16, 4, 6)
+    assert torch.equal(host.latent_to_model(z), comfy.latent_formats.Flux().process_in(z))
+    assert torch.allclose(host.latent_to_model(z), (z - 0.1159) * 0.3611)
+    assert torch.allclose(host.model_to_latent(host.latent_to_model(z)), z, atol=1e-6)
+    assert torch.equal(host.latent_to_model(torch.zeros(1, 16, 4, 4)), torch.zeros(1, 16, 4, 4))  # empty: unshifted
+    with pytest.raises(ValueError, match="multiple of 16"):
+        host.latent_to_model(torch.ones(1, 16, 4, 5))
+    with pytest.raises(ValueError, match="noise mask"):
+        host.sampler_input({"samples": z, "noise_mask": torch.ones(1, 1, 32, 48)})
+    latent = {"samples": torch.zeros(3, 16, 4, 4)}
+    assert torch.equal(host.noise(latent, 7), comfy.sample.prepare_noise(latent["samples"], 7))
+    picked = {"samples": torch.zeros(2, 16, 4, 4), "batch_index": [2, 0]}
+    assert torch.equal(host.noise(picked, 7), comfy.sample.prepare_noise(picked["samples"], 7, [2, 0]))
