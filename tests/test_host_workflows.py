@@ -36,7 +36,7 @@ from zimage_core import (
     make_noise,
     sample,
 )
-from zimage_core.pipeline import generate  # not from zimage_core: importing zimage_core.cli rebinds that name
+from zimage_core.pipeline import generate
 from zimage_fixtures import comfy_state_dict, diffusers_dit
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
@@ -174,6 +174,23 @@ def test_turbo_api_workflow_equals_core_pipeline(host, core):
     expected = as_saved(generate(*core, text, SIZE, seed=SEED, cfg=PRESETS[Preset.TURBO]))
     assert level_diff(png, expected, "turbo workflow vs core generate") <= 1
     assert expected.std() > 5, "a flat image would make the comparison weak"
+
+
+def test_a_saved_png_requeued_gives_the_identical_image(host):
+    """The API prompt ComfyUI embeds in the PNG ("prompt" text chunk), queued again, gives the same pixels."""
+    from PIL import Image
+
+    server, _ = host
+    entry = server.wait(server.queue(turbo_prompt(seed=7)))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (image,) = entry["outputs"]["8"]["images"]
+    first = server.base_dir / "output" / image["subfolder"] / image["filename"]
+    embedded = json.loads(Image.open(first).info["prompt"])
+    server.wait(server.queue(turbo_prompt(seed=8)))  # another prompt between: the re-queue must really re-run
+    again = server.wait(server.queue(embedded))
+    assert again["status"]["status_str"] == "success", again["status"]
+    assert again["outputs"]["8"]["images"][0]["filename"] != image["filename"], "served from the cache, not re-run"
+    assert np.array_equal(saved_image(server, again), np.asarray(Image.open(first).convert("RGB")))
 
 
 def test_native_vae_decode_and_zero_out_interoperate(host, core):
