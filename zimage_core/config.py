@@ -24,6 +24,14 @@ class WeightFormat(str, Enum):
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
+Shapes = Mapping[str, Sequence[int]]  # checkpoint key -> tensor shape, what configs are read back from
+
+
+def shape_dim(shapes: Shapes, key: str, axis: int) -> int | None:
+    """`shapes[key][axis]`, or None if the key is absent or has fewer axes."""
+    shape = shapes.get(key)
+    return int(shape[axis]) if shape is not None and len(shape) > axis else None
+
 
 @dataclass(frozen=True)
 class DiTConfig:

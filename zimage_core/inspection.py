@@ -21,16 +21,15 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from .checkpoint import plan_dit
+from .config import Shapes, shape_dim
 from .probe import ModelKind, classify
 from .safetensors_file import PICKLE_SUFFIXES, Header, TensorInfo, read_tensor
 from .sources import Source, open_source
 from .vae_config import vae_config, vae_layout
-
-Shapes = Mapping[str, Sequence[int]]
 
 COMPONENT_FOLDERS = ("transformer", "text_encoder", "vae")  # diffusers model root, in report order
 _QUANT_LEAVES = {"scaled_fp8", "scale_weight", "weight_scale", "weight_scale_2", "scale_input", "input_scale",
@@ -197,16 +196,16 @@ def text_encoder_config(shapes: Shapes) -> dict:
     decoder without them (not Qwen3) gets None there.
     """
     attn = "layers.0.self_attn."
-    head_dim = _dim(shapes, attn + "q_norm.weight", 0)
-    q_rows, kv_rows = _dim(shapes, attn + "q_proj.weight", 0), _dim(shapes, attn + "k_proj.weight", 0)
+    head_dim = shape_dim(shapes, attn + "q_norm.weight", 0)
+    q_rows, kv_rows = shape_dim(shapes, attn + "q_proj.weight", 0), shape_dim(shapes, attn + "k_proj.weight", 0)
     return {
-        "hidden_size": _dim(shapes, "embed_tokens.weight", 1) or _dim(shapes, attn + "q_proj.weight", 1),
+        "hidden_size": shape_dim(shapes, "embed_tokens.weight", 1) or shape_dim(shapes, attn + "q_proj.weight", 1),
         "num_hidden_layers": _count_blocks(shapes, "layers"),
         "num_attention_heads": q_rows // head_dim if q_rows and head_dim else None,
         "num_key_value_heads": kv_rows // head_dim if kv_rows and head_dim else None,
         "head_dim": head_dim,
-        "intermediate_size": _dim(shapes, "layers.0.mlp.gate_proj.weight", 0),
-        "vocab_size": _dim(shapes, "embed_tokens.weight", 0),
+        "intermediate_size": shape_dim(shapes, "layers.0.mlp.gate_proj.weight", 0),
+        "vocab_size": shape_dim(shapes, "embed_tokens.weight", 0),
     }
 
 
@@ -346,10 +345,6 @@ def _dtypes(tensors: Mapping[str, tuple[Header, TensorInfo]]) -> dict[str, int]:
     """torch dtype name (without `torch.`) -> number of tensors."""
     return dict(sorted(Counter(str(info.dtype).removeprefix("torch.") for _, info in tensors.values()).items()))
 
-
-def _dim(shapes: Shapes, key: str, axis: int) -> int | None:
-    shape = shapes.get(key)
-    return int(shape[axis]) if shape is not None and len(shape) > axis else None
 
 
 def _count_blocks(shapes: Shapes, prefix: str) -> int:

@@ -7,12 +7,10 @@ files too) for `python -m zimage_core inspect`; `VAEConfig.from_key_shapes` buil
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from .config import Shapes, shape_dim
 from .keymaps import VAELayout
-
-Shapes = Mapping[str, Sequence[int]]
 
 NORM_GROUPS = 32  # GroupNorm(32, eps 1e-6) everywhere in the VAE
 NORM_EPS = 1e-6
@@ -87,22 +85,19 @@ def vae_config(shapes: Shapes) -> dict:
     if not channels:  # decoder-only file (one more resnet per level); diffusers counts up blocks from the deepest
         channels = _series(shapes, dec, "i", j=0)[:: -1 if layout is VAELayout.DIFFUSERS else 1]
         per_block = len(_series(shapes, dec, "j", i=0)) - 1
-    latent = _dim(shapes, "decoder.conv_in.weight", 1) or (_dim(shapes, "encoder.conv_out.weight", 0) or 0) // 2
+    moments = shape_dim(shapes, "encoder.conv_out.weight", 0) or 0  # mean and log-variance: 2 × latent channels
+    latent = shape_dim(shapes, "decoder.conv_in.weight", 1) or moments // 2
     return {
         "latent_channels": latent or None,
         "block_out_channels": channels,
         "layers_per_block": per_block if per_block > 0 else None,
-        "in_channels": _dim(shapes, "encoder.conv_in.weight", 1),
-        "out_channels": _dim(shapes, "decoder.conv_out.weight", 0),
+        "in_channels": shape_dim(shapes, "encoder.conv_in.weight", 1),
+        "out_channels": shape_dim(shapes, "decoder.conv_out.weight", 0),
         "encoder": "encoder.conv_in.weight" in shapes,
         "decoder": "decoder.conv_in.weight" in shapes,
         "quant_conv": "quant_conv.weight" in shapes or "post_quant_conv.weight" in shapes,
     }
 
-
-def _dim(shapes: Shapes, key: str, axis: int) -> int | None:
-    shape = shapes.get(key)
-    return int(shape[axis]) if shape is not None and len(shape) > axis else None
 
 
 def _series(shapes: Shapes, template: str, vary: str, **fixed: int) -> list[int]:
