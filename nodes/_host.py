@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import comfy.latent_formats
@@ -23,7 +22,7 @@ import folder_paths
 import latent_preview
 import torch
 
-from ..zimage_core import PRESETS, ImageSize, Preset, SamplerConfig, WeightFormat, make_noise
+from ..zimage_core import ImageSize, Preset, SamplerConfig, WeightFormat, make_noise, preset_config
 
 CATEGORY = "Z-Image"
 ZIMAGE_DIT = "ZIMAGE_DIT"
@@ -70,8 +69,7 @@ def bundled_tokenizer() -> Path:
 
 def sampler_config(preset: str, steps: int, guidance: float, shift: float) -> SamplerConfig:
     """The preset, with each widget that is not at its "use the preset" value (0, −1, 0) overriding it."""
-    overrides = {"steps": steps or None, "guidance": None if guidance < 0 else guidance, "shift": shift or None}
-    return dataclasses.replace(PRESETS[Preset(preset)], **{k: v for k, v in overrides.items() if v is not None})
+    return preset_config(Preset(preset), steps or None, None if guidance < 0 else guidance, shift or None)
 
 
 def conditioning(cap: torch.Tensor) -> list:

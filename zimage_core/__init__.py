@@ -25,6 +25,7 @@ from .sampling import (
     make_noise,
     make_sigmas,
     model_velocity,
+    preset_config,
 )
 from .text_encoder import QWEN3_4B, TextEncoder, TextEncoderConfig, load_text_encoder, load_tokenizer
 from .vae import FLUX_VAE, FluxVAE, VAEConfig, load_vae
@@ -33,4 +34,4 @@ __all__ = ["FLUX_VAE", "PRESETS", "QWEN3_4B", "DiTConfig", "DiTLayout", "DiTPlan
            "QuantFormat", "SamplerConfig", "SamplingInterrupted", "TextEncoder", "TextEncoderConfig", "VAEConfig",
            "WeightFormat", "Z_IMAGE_6B", "ZImageDiT", "denoise", "denoise_sigmas", "generate", "inspect", "load_dit",
            "load_text_encoder", "load_tokenizer", "load_vae", "make_noise", "make_sigmas", "model_velocity",
-           "plan_dit", "release_mapped_pages", "sample"]
+           "plan_dit", "preset_config", "release_mapped_pages", "sample"]

@@ -15,7 +15,7 @@ import torch
 from .config import WeightFormat
 from .pipeline import ImageSize, generate
 from .png import save_png
-from .sampling import PRESETS, Preset
+from .sampling import Preset, preset_config
 
 
 class Dtype(str, Enum):
@@ -79,9 +79,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from .text_encoder import load_text_encoder
     from .vae import load_vae
 
-    overrides = {k: v for k, v in (("steps", args.steps), ("guidance", args.guidance), ("shift", args.shift))
-                 if v is not None}
-    cfg = dataclasses.replace(PRESETS[args.preset], **overrides)  # validates steps ≥ 1, guidance ≥ 0, shift > 0
+    cfg = preset_config(args.preset, args.steps, args.guidance, args.shift)  # validates steps ≥ 1, guidance ≥ 0 …
     size = ImageSize(args.width, args.height)
     if args.batch < 1:
         raise ValueError(f"--batch {args.batch}: expected ≥ 1")

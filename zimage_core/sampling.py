@@ -12,6 +12,7 @@ forward per step and no negative prompt. ComfyUI's `cfg` is g + 1 (cfg 1 = no gu
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -46,6 +47,13 @@ PRESETS = {
     Preset.DE_TURBO: SamplerConfig(steps=25, guidance=2.0, shift=3.0),  # AI Toolkit UI guidance 3 = g 2
     Preset.BASE: SamplerConfig(steps=50, guidance=4.0, shift=6.0, cfg_normalization=1.0),
 }
+
+
+def preset_config(preset: Preset, steps: int | None = None, guidance: float | None = None,
+                  shift: float | None = None) -> SamplerConfig:
+    """The preset's settings with each given (not None) field replacing its own; validated as any SamplerConfig."""
+    overrides = {"steps": steps, "guidance": guidance, "shift": shift}
+    return dataclasses.replace(PRESETS[Preset(preset)], **{k: v for k, v in overrides.items() if v is not None})
 
 
 class SamplingInterrupted(RuntimeError):
