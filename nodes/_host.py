@@ -23,6 +23,7 @@ import latent_preview
 import torch
 
 from ..zimage_core import ImageSize, Preset, SamplerConfig, WeightFormat, make_noise, preset_config
+from ..zimage_core.pipeline import LATENT_CHANNELS, PIXELS_PER_LATENT, to_unit_range
 
 CATEGORY = "Z-Image"
 ZIMAGE_DIT = "ZIMAGE_DIT"
@@ -108,9 +109,10 @@ def model_to_latent(x: torch.Tensor) -> torch.Tensor:
 
 
 def check_latent_size(samples: torch.Tensor) -> None:
-    if samples.ndim != 4 or samples.shape[1] != 16:
-        raise ValueError(f"LATENT of shape {list(samples.shape)}: Z-Image needs a (B, 16, H/8, W/8) Flux latent")
-    ImageSize(samples.shape[3] * 8, samples.shape[2] * 8)  # raises for a side that is not a multiple of 16
+    if samples.ndim != 4 or samples.shape[1] != LATENT_CHANNELS:
+        raise ValueError(f"LATENT of shape {list(samples.shape)}: Z-Image needs a (B, {LATENT_CHANNELS}, "
+                         f"H/{PIXELS_PER_LATENT}, W/{PIXELS_PER_LATENT}) Flux latent")
+    ImageSize(samples.shape[3] * PIXELS_PER_LATENT, samples.shape[2] * PIXELS_PER_LATENT)  # sides: multiples of 16
 
 
 def noise(latent: dict, seed: int) -> torch.Tensor:
@@ -146,4 +148,4 @@ def image_to_pixels(image: torch.Tensor) -> torch.Tensor:
 
 
 def pixels_to_image(pixels: torch.Tensor) -> torch.Tensor:
-    return (pixels.float() / 2 + 0.5).clamp(0, 1).movedim(1, -1).to(mm.intermediate_device())
+    return to_unit_range(pixels).movedim(1, -1).to(mm.intermediate_device())

@@ -72,6 +72,11 @@ def sample(dit: Callable, noise: torch.Tensor, cond: Sequence[torch.Tensor], cfg
     return denoise(dit, x, cond, cfg, neg, sigmas=sigmas, on_step=on_step, should_stop=should_stop)
 
 
+def to_unit_range(pixels: torch.Tensor) -> torch.Tensor:
+    """Decoded pixels in [−1, 1] → an image in [0, 1] (diffusers' and ComfyUI's post-processing), float32."""
+    return (pixels.float() / 2 + 0.5).clamp_(0, 1)
+
+
 def repeat_each(items: Sequence, times: int) -> list:
     """[a, b] × 2 → [a, a, b, b]: diffusers' `num_images_per_prompt` order."""
     return [item for item in items for _ in range(times)]
@@ -109,4 +114,4 @@ def generate(dit, text_encoder, vae, prompt: str | Sequence[str], size: ImageSiz
     release_mapped_pages(dit)  # decoding needs the memory; the pages come back from the page cache
     pixels = vae.decode(x0.to(next(vae.parameters()).device), tile_size=tile_size)
     release_mapped_pages(vae)
-    return (pixels / 2 + 0.5).clamp_(0, 1)
+    return to_unit_range(pixels)
