@@ -30,7 +30,7 @@ from .config import DiTConfig, WeightFormat
 from .dit import ZImageDiT
 from .keymaps import ALL_IN_ONE_PREFIX, UNUSED_COMFY_KEYS, DiTLayout, find_prefix, join_key, split_key, to_canonical
 from .probe import FOREIGN_NAMES, ModelKind, classify
-from .safetensors_file import Header, TensorInfo, map_file, map_tensor, read_into, read_tensor, release_mapping
+from .safetensors_file import Header, TensorInfo, map_file, map_tensor, read_into, read_tensor, release_mappings
 from .sources import Source, open_source
 
 
@@ -250,8 +250,7 @@ def release_mapped_pages(model: nn.Module) -> bool:
     resident, so no edit is ever lost. Returns True if every mapping was released; Linux only (elsewhere,
     and for weights that were read rather than mapped, nothing happens).
     """
-    files = getattr(model, "mapped_files", ())
-    return bool(files) and all([release_mapping(m) for m in files])
+    return release_mappings(getattr(model, "mapped_files", ()))
 
 
 class _Assembly:

@@ -14,6 +14,7 @@ import mmap
 import os
 import struct
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,36 +138,41 @@ def map_file(path: Path) -> mmap.mmap:
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
 
-def release_mapping(mapping: mmap.mmap) -> bool:
-    """Unmap the resident pages of an unmodified file mapping (MADV_DONTNEED); they stay in the page cache.
+def release_mappings(mappings: Sequence[mmap.mmap]) -> bool:
+    """Unmap the resident pages of unmodified file mappings (MADV_DONTNEED); they stay in the page cache.
 
     On a private mapping MADV_DONTNEED would also discard pages written to in place, so a mapping with
     any such page (counted as "Anonymous" in /proc/self/smaps) is left alone. (MADV_PAGEOUT would keep
-    them, but it evicts the clean pages from the page cache too, so they come back from disk.) Linux only.
+    them, but it evicts the clean pages from the page cache too, so they come back from disk.) True if
+    every mapping was released; Linux only. /proc/self/smaps is read once for all the mappings.
     """
-    if not sys.platform.startswith("linux") or len(mapping) == 0:
+    if not sys.platform.startswith("linux") or not mappings:
         return False
-    view = np.frombuffer(mapping, dtype=np.uint8)
-    start, end = view.ctypes.data, view.ctypes.data + len(mapping)
-    del view  # release the buffer export
-    if _anonymous_kib(start, end) != 0:
-        return False
-    mapping.madvise(mmap.MADV_DONTNEED)
-    return True
+    ranges = []
+    for mapping in mappings:
+        view = np.frombuffer(mapping, dtype=np.uint8)
+        ranges.append((view.ctypes.data, view.ctypes.data + len(mapping)))
+        del view  # release the buffer export
+    written = _anonymous_kib(ranges)
+    for mapping, kib in zip(mappings, written, strict=True):
+        if kib == 0:
+            mapping.madvise(mmap.MADV_DONTNEED)
+    return not any(written)
 
 
-def _anonymous_kib(start: int, end: int) -> int:
-    """Private (written-to) memory inside [start, end) of this process's address space, from /proc/self/smaps."""
-    total, inside = 0, False
+def _anonymous_kib(ranges: Sequence[tuple[int, int]]) -> list[int]:
+    """Private (written-to) memory inside each [start, end) of this process's address space, from /proc/self/smaps."""
+    totals, inside = [0] * len(ranges), []
     with open("/proc/self/smaps") as f:
         for line in f:
             first = line.split(maxsplit=1)[0]
             if "-" in first and not first.endswith(":"):  # a mapping's header line: "lo-hi perms ..."
                 lo, hi = (int(x, 16) for x in first.split("-"))
-                inside = lo < end and hi > start
+                inside = [n for n, (start, end) in enumerate(ranges) if lo < end and hi > start]
             elif inside and first == "Anonymous:":
-                total += int(line.split()[1])
-    return total
+                for n in inside:
+                    totals[n] += int(line.split()[1])
+    return totals
 
 
 def map_tensor(mapping: mmap.mmap, info: TensorInfo) -> torch.Tensor | None:
