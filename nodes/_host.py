@@ -23,7 +23,7 @@ import latent_preview
 import torch
 
 from ..zimage_core import ImageSize, Preset, SamplerConfig, WeightFormat, make_noise, preset_config
-from ..zimage_core.pipeline import LATENT_CHANNELS, PIXELS_PER_LATENT, to_unit_range
+from ..zimage_core.pipeline import LATENT_CHANNELS, PIXELS_PER_LATENT, SIZE_MULTIPLE, to_unit_range
 
 CATEGORY = "Z-Image"
 ZIMAGE_DIT = "ZIMAGE_DIT"
@@ -31,10 +31,6 @@ ZIMAGE_TEXT_ENCODER = "ZIMAGE_TEXT_ENCODER"
 ZIMAGE_VAE = "ZIMAGE_VAE"
 WEIGHT_FORMATS = {"default": WeightFormat.COMPUTE, "fp8_e4m3fn": WeightFormat.FP8}
 _FLUX = comfy.latent_formats.Flux()
-
-
-def device() -> torch.device:
-    return mm.get_torch_device()
 
 
 def compute_dtype(dev: torch.device) -> torch.dtype:
@@ -144,7 +140,13 @@ def interrupted() -> bool:
 
 
 def image_to_pixels(image: torch.Tensor) -> torch.Tensor:
-    return image[..., :3].movedim(-1, 1).float() * 2 - 1
+    """IMAGE → pixels, centre-cropped to multiples of 16 (as ComfyUI's VAEEncode crops to multiples of 8)."""
+    h, w = (side // SIZE_MULTIPLE * SIZE_MULTIPLE for side in image.shape[1:3])
+    if not h or not w:
+        raise ValueError(f"image of {image.shape[2]}x{image.shape[1]} pixels: Z-Image needs at least "
+                         f"{SIZE_MULTIPLE}x{SIZE_MULTIPLE}")
+    top, left = (image.shape[1] - h) // 2, (image.shape[2] - w) // 2
+    return image[:, top:top + h, left:left + w, :3].movedim(-1, 1).float() * 2 - 1
 
 
 def pixels_to_image(pixels: torch.Tensor) -> torch.Tensor:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import comfy.model_management as mm
 import torch
 
 from ..zimage_core import load_dit, load_text_encoder, load_vae
 from . import _host as host
+from ._hosting import host_dit, host_module
 
 _OFFICIAL = "Official sharded releases appear as <name>/ from models/diffusers."
 
@@ -30,9 +32,9 @@ class ZImageDiTLoader:
         }}
 
     def load(self, dit_name: str, weight_dtype: str):
-        dev = host.device()
+        dev = mm.get_torch_device()
         path = host.model_path("diffusion_models", dit_name)
-        return (load_dit(path, dev, host.compute_dtype(dev), host.WEIGHT_FORMATS[weight_dtype]),)
+        return (host_dit(load_dit(path, dev, host.compute_dtype(dev), host.WEIGHT_FORMATS[weight_dtype])),)
 
 
 class ZImageTextEncoderLoader:
@@ -54,10 +56,11 @@ class ZImageTextEncoderLoader:
         }}
 
     def load(self, text_encoder_name: str, weight_dtype: str):
-        dev = host.device()
+        dev = mm.text_encoder_device()
         path = host.model_path("text_encoders", text_encoder_name)
         tokenizer = None if text_encoder_name.endswith("/") else host.bundled_tokenizer()
-        return (load_text_encoder(path, dev, host.compute_dtype(dev), host.WEIGHT_FORMATS[weight_dtype], tokenizer),)
+        te = load_text_encoder(path, dev, host.compute_dtype(dev), host.WEIGHT_FORMATS[weight_dtype], tokenizer)
+        return (host_module(te, te.model, dev, mm.text_encoder_offload_device()),)
 
 
 class ZImageVAELoader:
@@ -76,7 +79,8 @@ class ZImageVAELoader:
         }}
 
     def load(self, vae_name: str):
-        return (load_vae(host.model_path("vae", vae_name), host.device(), torch.float32),)
+        vae = load_vae(host.model_path("vae", vae_name), mm.vae_device(), torch.float32)
+        return (host_module(vae, vae, mm.vae_device(), mm.vae_offload_device()),)
 
 
 NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (ZImageDiTLoader, ZImageTextEncoderLoader, ZImageVAELoader)}

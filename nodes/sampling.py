@@ -27,7 +27,7 @@ class ZImageTextEncode:
         }}
 
     def encode(self, text_encoder, text: str):
-        return (host.conditioning(text_encoder.encode([text])[0]),)
+        return (host.conditioning(text_encoder.ready().encode([text])[0]),)
 
 
 class ZImageSampler:
@@ -65,8 +65,8 @@ class ZImageSampler:
 
     def sample(self, dit, positive, latent, preset, seed, steps, guidance, shift, denoise, negative=None):
         cfg = host.sampler_config(preset, steps, guidance, shift)
-        dev = next(dit.parameters()).device
         x = host.sampler_input(latent)
+        dit, dev = dit.ready(), dit.device
         cond = [c.to(dev) for c in host.captions(positive, len(x))]
         neg = [c.to(dev) for c in host.captions(negative, len(x))] if negative is not None else None
         if neg is None and cfg.guidance > 0:
@@ -95,8 +95,9 @@ class ZImageVAEDecode:
         }}
 
     def decode(self, vae, samples, tile_size=0):
-        x = host.latent_to_model(samples["samples"]).to(next(vae.parameters()).device)
-        return (host.pixels_to_image(vae.decode(x, tile_size=tile_size or None)),)
+        x = host.latent_to_model(samples["samples"])
+        vae, dev = vae.ready(), vae.device
+        return (host.pixels_to_image(vae.decode(x.to(dev), tile_size=tile_size or None)),)
 
 
 class ZImageVAEEncode:
@@ -110,11 +111,14 @@ class ZImageVAEEncode:
     def INPUT_TYPES(cls):
         return {"required": {
             "vae": (host.ZIMAGE_VAE, {"tooltip": "From Z-Image VAE Loader."}),
-            "pixels": ("IMAGE", {"tooltip": "Width and height must be multiples of 16 for the sampler."}),
+            "pixels": ("IMAGE", {"tooltip": "Centre-cropped to multiples of 16 (what the sampler needs); scale it "
+                                            "first (ImageScale) to the size you want to generate."}),
         }}
 
     def encode(self, vae, pixels):
-        z = vae.encode(host.image_to_pixels(pixels).to(next(vae.parameters()).device))
+        pixels = host.image_to_pixels(pixels)
+        vae, dev = vae.ready(), vae.device
+        z = vae.encode(pixels.to(dev))
         return ({"samples": host.model_to_latent(z)},)
 
 

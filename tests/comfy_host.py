@@ -7,12 +7,14 @@ Run as a script, it is setup.sh's smoke check and exits 1 unless ComfyUI imports
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -111,6 +113,12 @@ def write_extra_paths(path: Path, models_dir: Path) -> Path:
     return path
 
 
+# RSS figures should show live memory: glibc's adaptive mmap threshold (up to 32 MiB) otherwise keeps freed
+# tensor blocks of a tiny test model in its arenas for reuse, and RSS would not fall when a model is freed.
+# A fixed 128 KiB threshold maps every tensor-sized block on its own and unmaps it on free.
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 class Server:
     """A real ComfyUI server on 127.0.0.1 (`main.py --cpu`), started and stopped by PID; stdlib HTTP only.
 
@@ -133,7 +141,7 @@ class Server:
         (self.base_dir / "custom_nodes").mkdir(parents=True, exist_ok=True)  # main.py lists it; absent = crash
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=HOST_DIR, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT)
+                                         stderr=subprocess.STDOUT, env=os.environ | _MALLOC_ENV)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -155,6 +163,19 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
 
+    def watch(self, client_id: str) -> Watcher:
+        return Watcher(self.url, client_id)
+
+    def rss_bytes(self) -> int:
+        """The server process's resident set (VmRSS)."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
+
+    def mapped_files(self) -> set[str]:
+        """Files the server process has mapped (/proc/PID/maps), e.g. safetensors weights read by mmap."""
+        lines = Path(f"/proc/{self.proc.pid}/maps").read_text().splitlines()
+        return {line.split(maxsplit=5)[5] for line in lines if len(line.split(maxsplit=5)) == 6}
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -171,8 +192,8 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read() or b"{}")
 
-    def queue(self, prompt: dict) -> str:
-        status, body = self.post("/prompt", {"prompt": prompt, "client_id": "zimage-tests"})
+    def queue(self, prompt: dict, client_id: str = "zimage-tests") -> str:
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": client_id})
         if status != 200:
             raise AssertionError(f"POST /prompt answered {status}: {json.dumps(body)[:2000]}")
         return body["prompt_id"]
@@ -188,6 +209,48 @@ class Server:
                 raise RuntimeError(f"ComfyUI died with {self.proc.returncode}:\n{self.log()[-4000:]}")
             time.sleep(0.2)
         raise TimeoutError(f"prompt {prompt_id} not finished after {timeout} s:\n{self.log()[-4000:]}")
+
+
+class Watcher:
+    """The server's websocket messages for one client id (progress, executing, …), collected on a thread:
+    `with server.watch("id") as w: ...; w.messages` (each message as (monotonic time, decoded JSON))."""
+
+    def __init__(self, url: str, client_id: str):
+        self.url = url.replace("http://", "ws://") + f"/ws?clientId={client_id}"
+        self.messages: list[tuple[float, dict]] = []
+        self._connected = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        import aiohttp  # ComfyUI's own dependency, in the test venv
+
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        async with aiohttp.ClientSession() as session, session.ws_connect(self.url) as ws:
+            self._connected.set()
+            while not self._stop.is_set():
+                try:
+                    msg = await asyncio.wait_for(ws.receive(), timeout=0.2)
+                except asyncio.TimeoutError:
+                    continue
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    self.messages.append((time.monotonic(), json.loads(msg.data)))
+                elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                    break
+
+    def of_type(self, kind: str) -> list[tuple[float, dict]]:
+        return [(t, m["data"]) for t, m in list(self.messages) if m.get("type") == kind]
+
+    def __enter__(self) -> Watcher:
+        self._thread.start()
+        if not self._connected.wait(15):
+            raise TimeoutError(f"no websocket connection to {self.url}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
 
 
 def main() -> int:

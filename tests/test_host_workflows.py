@@ -1,19 +1,21 @@
 """The pack's API workflows queued in the real ComfyUI 0.3.75 host (headless, `--cpu`, started and stopped by PID).
 
-Locks in: ComfyUI imports the pack without `IMPORT FAILED` and `/object_info` lists every node of ours;
-`workflows/zimage_turbo.api.json` (tiny random models written under the real file names into a temporary
-models folder) ends `success` and saves a PNG equal to `zimage_core.generate` for the same seed and
-prompt (≤ 1 level of 255: ComfyUI truncates to uint8, and the node path goes through ComfyUI's raw-latent
-convention and back, which changes float rounding only); a VAE chosen in the DiT loader is a node error
-naming the file, the server keeps serving, and the next prompt succeeds. Breaks on a renamed node id,
-a wrong LATENT/CONDITIONING/IMAGE convention, a seed that no longer gives ComfyUI's noise, or a
-loader that crashes the server instead of failing the node.
+Locks in: ComfyUI imports the pack without `IMPORT FAILED` and `/object_info` lists exactly our nodes;
+every `workflows/*.api.json` (tiny random models under the real file names, host_models.py) ends
+`success` with its images; the Turbo and img2img workflows save a PNG equal to `zimage_core.generate`
+for the same seed and prompt (≤ 1 level of 255: ComfyUI truncates to uint8, and the node path goes
+through ComfyUI's raw-latent convention and back, which changes float rounding only); the official
+sharded release through Z-Image DiT → MODEL and ComfyUI's own KSampler and VAEDecode gives the Turbo
+workflow's image; interrupt stops within one step; POST /free gives a DiT's memory back; bad input (a
+VAE in the DiT loader, a missing file, a width not a multiple of 16) is a node error or a rejected
+prompt naming the value, and the server keeps serving. Breaks on a renamed node id, a wrong
+LATENT/CONDITIONING/IMAGE convention, a seed that no longer gives ComfyUI's noise, a model kept alive
+after /free, or a loader that crashes the server instead of failing the node.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -23,8 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 import comfy_host
-import te_fixtures as tf
-import vae_fixtures as vf
+from host_models import bundled_tokenizer, write_input_image, write_models
 from zimage_core import (
     PRESETS,
     ImageSize,
@@ -41,29 +42,15 @@ from zimage_fixtures import comfy_state_dict, diffusers_dit
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 OUR_NODES = {"ZImageDiTLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "ZImageTextEncode", "ZImageSampler",
-             "ZImageVAEDecode", "ZImageVAEEncode"}
-BUNDLED_TOKENIZER = comfy_host.HOST_DIR / "comfy" / "text_encoders" / "qwen25_tokenizer"
+             "ZImageVAEDecode", "ZImageVAEEncode", "ZImageDiTToModel"}
 SIZE, SEED, STEPS = ImageSize(64, 64), 42, 8
-
-
-def write_models(models: Path) -> dict[str, Path]:
-    """Tiny random DiT, Qwen3 (the real vocabulary, for ComfyUI's bundled tokenizer) and Flux VAE, real names."""
-    paths = {"dit": models / "diffusion_models" / "z_image_turbo_bf16.safetensors",
-             "te": models / "text_encoders" / "qwen_3_4b.safetensors", "vae": models / "vae" / "ae.safetensors"}
-    for p in paths.values():
-        p.parent.mkdir(parents=True, exist_ok=True)
-    bf16 = lambda sd: {k: v.to(torch.bfloat16) for k, v in sd.items()}  # noqa: E731  (as the real files are stored)
-    save_file(bf16(comfy_state_dict(diffusers_dit(seed=3).state_dict())), paths["dit"])
-    save_file(bf16(tf.hf_state_dict(tf.qwen3_model(seed=4, vocab_size=151936))), paths["te"])
-    vf.write_bfl(bf16(vf.diffusers_vae(seed=5, ch=128).state_dict()), paths["vae"])  # real width: VAELoader takes it
-    shutil.copy(paths["vae"], models / "diffusion_models" / "ae.safetensors")  # a VAE put in the wrong folder
-    return paths
 
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     root = tmp_path_factory.mktemp("host")
     models = write_models(root / "models")
+    write_input_image(root / "base")
     extra = comfy_host.write_extra_paths(root / "extra_paths.yaml", root / "models")
     server = comfy_host.Server(root / "base", extra, root / "server.log").start()
     try:
@@ -78,7 +65,8 @@ def core(host):
     """The same three files loaded by the core alone (fp32 CPU, ComfyUI's bundled tokenizer)."""
     _, models = host
     return (load_dit(models["dit"], "cpu", torch.float32),
-            load_text_encoder(models["te"], "cpu", torch.float32, tokenizer=BUNDLED_TOKENIZER), load_vae(models["vae"]))
+            load_text_encoder(models["te"], "cpu", torch.float32, tokenizer=bundled_tokenizer()),
+            load_vae(models["vae"]))
 
 
 def as_saved(images: torch.Tensor) -> np.ndarray:
@@ -111,8 +99,11 @@ def saved_image(server, entry: dict, node: str = "8") -> np.ndarray:
 
 def test_host_lists_every_node_and_imports_the_pack(host):
     server, _ = host
-    known = set(server.get("/object_info"))
-    assert OUR_NODES <= known
+    object_info = server.get("/object_info")
+    known = set(object_info)
+    ours = {name for name, spec in object_info.items() if spec["python_module"] == "custom_nodes.comfyui_zimage"}
+    assert ours == OUR_NODES  # a node added, renamed or lost shows here
+    assert all(object_info[n]["category"].startswith("Z-Image") for n in ours)
     for path in sorted(WORKFLOWS.glob("*.api.json")):  # every API workflow names only existing nodes
         assert {n["class_type"] for n in json.loads(path.read_text()).values()} <= known, path.name
     assert comfy_host.pack_import_problems(server.log()) == [], server.log()
@@ -229,21 +220,141 @@ def test_vae_in_dit_loader_is_a_node_error_and_server_recovers(host):
     assert entry["status"]["status_str"] == "success", entry["status"]
 
 
-def test_interrupt_ends_the_run_as_interrupted_and_server_recovers(host):
-    """POST /interrupt (for this prompt) during a long sampling: the history says interrupted, not an error."""
+def test_interrupt_stops_sampling_within_one_step_and_server_recovers(host):
+    """POST /interrupt during an 8-step sampling: at most the step in flight finishes (websocket progress), the
+    history says interrupted (not an error), and the next prompt succeeds."""
     server, _ = host
-    long_run = {"5": {"width": 128, "height": 128}, "6": {"steps": 200}}  # seconds of work: POST lands mid-run
-    prompt_id = server.queue(turbo_prompt(seed=SEED + 2, **long_run))
-    deadline = time.monotonic() + 30
-    while not any(item[1] == prompt_id for item in server.get("/queue")["queue_running"]):
-        assert time.monotonic() < deadline, "the prompt never started"
-        time.sleep(0.05)
-    started = time.monotonic()
-    assert server.post("/interrupt", {"prompt_id": prompt_id})[0] == 200
-    entry = server.wait(prompt_id)
+    slow = {"5": {"width": 256, "height": 256}}  # about a second a step here: the POST lands mid-run
+    with server.watch("interrupt-test") as ws:
+        prompt_id = server.queue(turbo_prompt(seed=SEED + 2, **slow), client_id="interrupt-test")
+        deadline = time.monotonic() + 60
+        while not any(d["value"] >= 2 and d["node"] == "6" for _, d in ws.of_type("progress")):
+            assert time.monotonic() < deadline, "sampling never reached step 2"
+            time.sleep(0.01)
+        posted = time.monotonic()
+        assert server.post("/interrupt", {"prompt_id": prompt_id})[0] == 200
+        entry = server.wait(prompt_id)
+    steps = [d["value"] for t, d in ws.of_type("progress") if d["node"] == "6"]
+    after = [d["value"] for t, d in ws.of_type("progress") if d["node"] == "6" and t > posted]
     kinds = [m[0] for m in entry["status"]["messages"]]
-    print(f"interrupted {time.monotonic() - started:.2f} s after POST /interrupt; messages {kinds}")
+    print(f"progress {steps}; {len(after)} step(s) finished after POST /interrupt; messages {kinds}")
+    assert len(after) <= 1 and max(steps) < 8
     assert "execution_interrupted" in kinds and "execution_error" not in kinds, entry["status"]
     assert "8" not in entry.get("outputs", {})
     entry = server.wait(server.queue(turbo_prompt(seed=SEED + 3)))
     assert entry["status"]["status_str"] == "success", entry["status"]
+
+
+def shrunk(prompt: dict, side: int = SIZE.width) -> dict:
+    """A workflow at test size: every EmptySD3LatentImage and ImageScale set to side × side."""
+    for node in prompt.values():
+        if node["class_type"] in ("EmptySD3LatentImage", "ImageScale"):
+            node["inputs"].update(width=side, height=side)
+    return prompt
+
+
+def node_error(entry: dict) -> dict:
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert entry["status"]["status_str"] == "error" and len(errors) == 1, entry["status"]
+    print("node error:", errors[0]["node_type"], errors[0]["exception_message"])
+    return errors[0]
+
+
+@pytest.mark.parametrize("workflow", sorted(p.name for p in WORKFLOWS.glob("*.api.json")))
+def test_every_api_workflow_runs_in_the_host(host, workflow):
+    server, _ = host
+    prompt = shrunk(json.loads((WORKFLOWS / workflow).read_text()))
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    savers = [k for k, v in prompt.items() if v["class_type"] in ("SaveImage", "PreviewImage")]
+    assert savers and set(savers) <= set(entry["outputs"])
+    for node in savers:
+        assert saved_image(server, entry, node).shape == (SIZE.height, SIZE.width, 3), workflow
+
+
+def test_img2img_workflow_equals_core(host, core):
+    from PIL import Image
+
+    server, _ = host
+    prompt = shrunk(json.loads((WORKFLOWS / "zimage_img2img.api.json").read_text()))
+    prompt["6"]["inputs"]["upscale_method"] = "nearest-exact"  # 64 → 64: the identity, so the core sees the same pixels
+    entry = server.wait(server.queue(prompt))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    dit, te, vae = core
+    image = np.asarray(Image.open(server.base_dir / "input" / "example.png").convert("RGB"), dtype=np.float32)
+    pixels = torch.from_numpy(image / 255.0).permute(2, 0, 1)[None] * 2 - 1
+    with torch.inference_mode():
+        latent = vae.encode(pixels)
+    sampler = prompt["8"]["inputs"]
+    expected = as_saved(generate(dit, te, vae, prompt["4"]["inputs"]["text"], SIZE, seed=sampler["seed"],
+                                 cfg=PRESETS[Preset.TURBO], latent=latent, strength=sampler["denoise"]))
+    assert level_diff(saved_image(server, entry, "10"), expected, "img2img workflow vs core generate") <= 1
+
+
+def test_official_sharded_dit_in_native_ksampler_equals_our_sampler(host):
+    """The official sharded release through our loaders, Z-Image DiT → MODEL, ComfyUI's KSampler (euler, simple,
+    8 steps, cfg 1) and native VAEDecode = the Turbo workflow (single files, our sampler and decode), same seed."""
+    server, _ = host
+    official = shrunk(json.loads((WORKFLOWS / "zimage_official_ksampler.api.json").read_text()))
+    official["7"]["inputs"]["seed"] = SEED
+    entry = server.wait(server.queue(official))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    turbo = server.wait(server.queue(turbo_prompt()))
+    assert official["4"]["inputs"]["text"] == turbo_prompt()["4"]["inputs"]["text"]
+    assert level_diff(saved_image(server, entry, "10"), saved_image(server, turbo), "official+KSampler vs ours") <= 1
+
+
+def test_width_not_a_multiple_of_16_is_a_node_error(host):
+    server, _ = host
+    error = node_error(server.wait(server.queue(turbo_prompt(**{"5": {"width": 72}}))))
+    assert error["node_type"] == "ZImageSampler" and "multiple of 16" in error["exception_message"]
+    assert server.wait(server.queue(turbo_prompt(seed=SEED + 4)))["status"]["status_str"] == "success"
+
+
+def test_missing_model_file_is_rejected_by_name(host):
+    server, _ = host
+    missing = turbo_prompt(**{"1": {"dit_name": "z_image_missing.safetensors"}})
+    status, body = server.post("/prompt", {"prompt": missing})
+    assert status == 400 and "1" in body["node_errors"], body
+    assert "z_image_missing.safetensors" in json.dumps(body["node_errors"]["1"])
+    assert server.wait(server.queue(turbo_prompt(seed=SEED + 5)))["status"]["status_str"] == "success"
+
+
+def test_two_prompts_queued_at_once_both_succeed(host):
+    server, _ = host
+    first, second = server.queue(turbo_prompt(seed=SEED + 6)), server.queue(turbo_prompt(seed=SEED + 7))
+    a, b = server.wait(first), server.wait(second)
+    assert a["status"]["status_str"] == b["status"]["status_str"] == "success"
+    assert not np.array_equal(saved_image(server, a), saved_image(server, b))
+
+
+def test_free_releases_the_dit(host):
+    """POST /free (unload models, free memory) releases a loaded DiT: with nothing else loaded, a DiT of 24 layers
+    loaded (DiT loader → PreviewAny) and then freed lowers the server's RSS by its in-memory size (fp32 on the CPU;
+    ≥ 95 %: RSS is counted in pages, and other small allocations come and go) and back to the idle level; the next
+    prompt loads again and succeeds. The first cycle pays one-time allocations (imports, caches): the second counts."""
+    server, models = host
+    path = models["dit"].with_name("z_image_memory_probe.safetensors")
+    state = comfy_state_dict(diffusers_dit(seed=9, n_layers=24).state_dict())
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, path)
+    dit_bytes = sum(v.numel() * 4 for v in state.values())
+    load_only = {"1": {"class_type": "ZImageDiTLoader", "inputs": {"dit_name": path.name, "weight_dtype": "default"}},
+                 "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
+
+    def free() -> int:
+        assert server.post("/free", {"unload_models": True, "free_memory": True})[0] == 200
+        time.sleep(2)  # the prompt worker wakes up, unloads, drops its caches and collects
+        return server.rss_bytes()
+
+    for weight_dtype in ("fp8_e4m3fn", "default"):  # another input each time: no cache hit
+        idle = free()
+        load_only["1"]["inputs"]["weight_dtype"] = weight_dtype
+        entry = server.wait(server.queue(load_only))
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        loaded = server.rss_bytes()
+        freed = free()
+    print(f"PreviewAny: {entry['outputs']['2']['text'][0]}; RSS idle {idle / 2**20:.1f} MiB, DiT loaded "
+          f"{loaded / 2**20:.1f}, after POST /free {freed / 2**20:.1f}; DiT {dit_bytes / 2**20:.1f} MiB in memory")
+    assert loaded - freed >= 0.95 * dit_bytes
+    assert freed - idle <= 0.05 * dit_bytes
+    assert server.wait(server.queue(turbo_prompt(seed=SEED + 9)))["status"]["status_str"] == "success"

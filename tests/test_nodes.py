@@ -42,10 +42,11 @@ def pack():
 
 
 @pytest.fixture(scope="module")
-def dit(tmp_path_factory):
+def dit(pack, tmp_path_factory):
+    """The DiT as the loader node returns it: hosted in ComfyUI's model management."""
     path = tmp_path_factory.mktemp("nodes") / "dit.safetensors"
     save_file(comfy_state_dict(diffusers_dit(seed=3).state_dict()), path)
-    return load_dit(path, "cpu", torch.float32)
+    return pack.nodes._hosting.host_dit(load_dit(path, "cpu", torch.float32))
 
 
 def positive(length: int = 5, dim: int = 64) -> list:
@@ -63,7 +64,7 @@ def test_interrupt_raises_comfyuis_exception_before_a_forward(pack, dit):
     import comfy.model_management as mm
 
     calls = []
-    hook = dit.register_forward_hook(lambda *a: calls.append(1))
+    hook = dit.core.register_forward_hook(lambda *a: calls.append(1))
     mm.interrupt_current_processing(True)
     try:
         with pytest.raises(mm.InterruptProcessingException):
@@ -129,3 +130,57 @@ def test_latent_conventions_follow_comfyui(pack):
     assert torch.equal(host.noise(latent, 7), comfy.sample.prepare_noise(latent["samples"], 7))
     picked = {"samples": torch.zeros(2, 16, 4, 4), "batch_index": [2, 0]}
     assert torch.equal(host.noise(picked, 7), comfy.sample.prepare_noise(picked["samples"], 7, [2, 0]))
+
+
+def zero_conditioning(cond: list) -> list:
+    return [[torch.zeros_like(c), dict(extra)] for c, extra in cond]
+
+
+def native_ksampler(model, seed: int, steps: int = 8, latent: torch.Tensor | None = None) -> torch.Tensor:
+    """ComfyUI's KSampler (comfy.sample.sample, euler / simple / cfg 1) on a MODEL; raw latent out."""
+    import comfy.sample
+
+    latent = torch.zeros(1, 16, 4, 4) if latent is None else latent
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", positive(), zero_conditioning(positive()),
+                               latent, denoise=1.0, disable_pbar=True, seed=seed)
+
+
+def test_dit_as_native_model_equals_our_sampler_in_ksampler(pack, dit):
+    """Z-Image DiT → MODEL into ComfyUI's own KSampler (euler, simple, 8 steps, cfg 1, the model's shift 3) gives our
+    sampler's latent for the same seed. Tolerance 1e-4 rel: the same DiT runs the same 8 forwards; only the Euler
+    arithmetic differs (ComfyUI steps through denoised = x + σ·v and d = (x − denoised)/σ, we step with v)."""
+    model = pack.nodes.native.ZImageDiTToModel().convert(dit)[0]
+    import comfy.model_sampling as ms
+
+    assert isinstance(model.model.model_sampling, (ms.ModelSamplingDiscreteFlow, ms.CONST))
+    assert model.model.model_sampling.shift == 3.0
+    native = native_ksampler(model, seed=5)
+    ours = run_sampler(pack, dit, seed=5, steps=8)["samples"]
+    err = ((native - ours).norm() / ours.norm()).item()
+    print(f"native KSampler vs Z-Image Sampler: rel err {err:.2e}")
+    assert err <= 1e-4
+
+
+def test_native_lora_patch_on_the_model_is_undone_for_our_sampler(pack, dit):
+    """A LoRA applied by ComfyUI's own loader (comfy.sd.load_lora_for_models, ComfyUI key names) to the bridged MODEL
+    changes KSampler's result; our sampler on the same DiT afterwards sees the base weights again (ComfyUI's model
+    management unpatches), and the LoRA model gives its own result again after that."""
+    import comfy.sd
+
+    base_model = pack.nodes.native.ZImageDiTToModel().convert(dit)[0]
+    g = torch.Generator().manual_seed(11)
+    qkv = dit.core.layers[0].attention.qkv.weight
+    lora = {"diffusion_model.layers.0.attention.qkv.lora_up.weight": torch.randn(qkv.shape[0], 4, generator=g),
+            "diffusion_model.layers.0.attention.qkv.lora_down.weight": torch.randn(4, qkv.shape[1], generator=g),
+            "diffusion_model.layers.0.attention.qkv.alpha": torch.tensor(4.0)}
+    lora_model, _ = comfy.sd.load_lora_for_models(base_model, None, lora, 0.5, 0)
+    assert len(lora_model.patches) == 1
+    base_weight = qkv.detach().clone()
+    base = run_sampler(pack, dit, seed=6, steps=4)["samples"]
+    with_lora = native_ksampler(lora_model, seed=6, steps=4)
+    assert not torch.equal(dit.core.layers[0].attention.qkv.weight, base_weight)  # patched in place while loaded
+    assert ((with_lora - base).norm() / base.norm()).item() > 1e-3
+    assert torch.equal(run_sampler(pack, dit, seed=6, steps=4)["samples"], base)
+    assert torch.equal(dit.core.layers[0].attention.qkv.weight, base_weight)
+    assert torch.allclose(native_ksampler(lora_model, seed=6, steps=4), with_lora, rtol=0, atol=1e-6)
