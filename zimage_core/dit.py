@@ -15,7 +15,7 @@ Call convention (the whole pack relies on it; the sampler's convention docstring
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +35,11 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.register_buffer("scale_weight", None)
+        self.delta: Callable[[torch.Tensor], torch.Tensor] | None = None  # runtime LoRAs: out += delta(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._weight_as(x.dtype), self.bias)
+        y = F.linear(x, self._weight_as(x.dtype), self.bias)
+        return y if self.delta is None else y + self.delta(x)
 
     def forward_parts(self, x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
         """The output's `parts` equal column blocks, one matmul per row block of the weight (views, no copy).
@@ -45,7 +47,10 @@ class Linear(nn.Linear):
         For the fused qkv projection: three (D → D) GEMMs beat one (D → 3D) GEMM on CPU BLAS
         (bench/dit_forward.py), and q, k, v come out contiguous. Bias-free layers only.
         """
-        return tuple(F.linear(x, w) for w in self._weight_as(x.dtype).chunk(parts))
+        ys = tuple(F.linear(x, w) for w in self._weight_as(x.dtype).chunk(parts))
+        if self.delta is None:
+            return ys
+        return tuple(y + d for y, d in zip(ys, self.delta(x).chunk(parts, dim=-1), strict=True))
 
     def _weight_as(self, dtype: torch.dtype) -> torch.Tensor:
         w = self.weight

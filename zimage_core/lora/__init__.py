@@ -1,0 +1,13 @@
+"""LoRAs for the Z-Image DiT: read any trainer's format, apply (runtime or merged), report what matched.
+
+    lora = read_lora("my_lora.safetensors")            # LoraFile: format, patches, unmatched keys, metadata
+    applied = apply_loras(dit, [(lora, 0.8)], ApplyMode.RUNTIME)
+    print(applied.text()); applied.remove()            # the base DiT, bit for bit
+"""
+
+from .adapters import Adapter, AdapterKind
+from .apply import AppliedLoras, ApplyMode, LoraReport, apply_loras
+from .read import LoraFile, LoraFormat, LoraPatch, lora_from_state_dict, read_lora
+
+__all__ = ["Adapter", "AdapterKind", "AppliedLoras", "ApplyMode", "LoraFile", "LoraFormat", "LoraPatch", "LoraReport",
+           "apply_loras", "lora_from_state_dict", "read_lora"]

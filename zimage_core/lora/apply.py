@@ -1,0 +1,185 @@
+"""Applying LoRAs to a loaded ZImageDiT: several at once, each with its own strength, in two modes.
+
+- `ApplyMode.RUNTIME`: base weights are not touched. Each targeted Linear gets a `delta(x)` that adds
+  Σ strength·(x·downᵀ)·(scale·up)ᵀ (two small matmuls per plain LoRA; a dense ΔW for LoHa/LoKr/DoRA); fp8 base
+  weights work as they are, and strengths change without re-applying (`set_strength`). A `diff` on a norm or
+  a `diff_b` on a bias is small: it swaps in a new tensor (the original object is kept for `remove`).
+- `ApplyMode.MERGED`: W ← W + Σ strength·ΔW, computed in float32 and stored in the weight's dtype (fp8 weights are
+  dequantised and re-quantised with their own scale). The original tensors are kept, so `remove` restores the
+  base bit for bit in every dtype (for a weight read from a file mapping the original costs no memory).
+
+Everything is checked before anything changes: a LoRA whose modules do not fit this DiT's shapes (another
+model's LoRA, e.g. Lumina-2 dims) raises naming the key and both shapes, and nothing is applied.
+Keys naming no DiT module, and modules this DiT does not have, are reported (never dropped silently).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+from torch import nn
+
+from ..dit import Linear, ZImageDiT
+from .read import LoraFile, LoraPatch
+
+
+class ApplyMode(str, Enum):
+    RUNTIME = "runtime"
+    MERGED = "merged"
+
+
+@dataclass
+class LoraReport:
+    name: str
+    strength: float
+    matched: list[str] = field(default_factory=list)  # canonical parameters changed
+    unmatched: list[str] = field(default_factory=list)  # keys or modules that changed nothing, with the reason
+
+    def text(self) -> str:
+        lines = [f"{self.name} (strength {self.strength:g}): {len(self.matched)} modules matched, "
+                 f"{len(self.unmatched)} keys unmatched"]
+        lines += [f"  unmatched: {u}" for u in self.unmatched]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Placed:
+    lora: int  # index in the applied list (its strength)
+    param: str  # canonical parameter name, e.g. 'layers.0.attention.qkv.weight'
+    rows: slice
+    patch: LoraPatch
+
+
+class _RuntimeDelta:
+    """Linear.delta for the LoRAs on one module: out[..., rows] += strength · (x·downᵀ)·upᵀ (or x·ΔWᵀ)."""
+
+    def __init__(self, out_features: int, strengths: list[float]) -> None:
+        self.out_features, self.strengths = out_features, strengths
+        self.terms: list[tuple[int, slice, torch.Tensor, torch.Tensor | None]] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(*x.shape[:-1], self.out_features)
+        for lora, rows, a, b in self.terms:
+            s = self.strengths[lora]
+            if s:
+                y = (x @ a.T) @ b.T if b is not None else x @ a.T
+                out[..., rows] += s * y
+        return out
+
+
+class AppliedLoras:
+    """LoRAs applied to a DiT. `remove()` restores the base exactly; `reports` say what matched."""
+
+    def __init__(self, dit: ZImageDiT, mode: ApplyMode, reports: list[LoraReport], strengths: list[float]) -> None:
+        self.dit, self.mode, self.reports, self.strengths = dit, mode, reports, strengths
+        self._originals: dict[str, torch.Tensor] = {}  # parameter name → the tensor it had before
+        self._deltas: list[Linear] = []
+
+    def set_strength(self, index: int, strength: float) -> None:
+        if self.mode is not ApplyMode.RUNTIME:
+            raise ValueError("strengths of merged LoRAs are baked in; remove() and apply again")
+        self.strengths[index] = self.reports[index].strength = float(strength)
+
+    def remove(self) -> None:
+        for name, tensor in self._originals.items():
+            _set_param(self.dit, name, tensor)
+        for module in self._deltas:
+            module.delta = None
+        self._originals.clear()
+        self._deltas.clear()
+
+    def text(self) -> str:
+        return "\n".join(r.text() for r in self.reports)
+
+
+def apply_loras(dit: ZImageDiT, loras: Sequence[tuple[LoraFile, float]],
+                mode: ApplyMode = ApplyMode.RUNTIME) -> AppliedLoras:
+    """Apply `(lora, strength)` pairs to `dit` (see the module docstring). Checks everything first."""
+    params = dict(dit.named_parameters())
+    reports = [LoraReport(lora.name, float(s), unmatched=[f"{k} (names no Z-Image DiT module)" for k in lora.unmatched])
+               for lora, s in loras]
+    placed = []
+    for i, (lora, _) in enumerate(loras):
+        for patch in lora.patches:
+            p = _place(i, patch, params, lora.name)
+            if p is None:
+                reports[i].unmatched.append(f"{patch.adapter.name} (this DiT has no {patch.target.module})")
+            else:
+                placed.append(p)
+                reports[i].matched.append(p.param)
+    for i, (lora, _) in enumerate(loras):
+        if not reports[i].matched:
+            raise ValueError(f"{lora.name}: none of its {len(lora.patches)} modules exists in this DiT")
+    applied = AppliedLoras(dit, mode, reports, [float(s) for _, s in loras])
+    by_param: dict[str, list[_Placed]] = defaultdict(list)
+    for p in placed:
+        by_param[p.param].append(p)
+    with torch.no_grad():
+        for name, group in by_param.items():
+            module = dit.get_submodule(name.rpartition(".")[0])
+            if mode is ApplyMode.RUNTIME and isinstance(module, Linear) and name.endswith(".weight"):
+                _attach_runtime(applied, module, name, group, params[name])
+            else:
+                _merge(applied, name, group, params[name], module)
+    return applied
+
+
+def _place(index: int, patch: LoraPatch, params: dict[str, nn.Parameter], lora_name: str) -> _Placed | None:
+    leaf = "bias" if patch.adapter.kind.value == "diff_b" else "weight"
+    name = f"{patch.target.module}.{leaf}"
+    if name not in params:
+        return None
+    shape = tuple(params[name].shape)
+    rows = shape[0] // patch.target.parts
+    expected = (rows, *shape[1:]) if len(shape) > 1 else (rows,)
+    got = tuple(patch.adapter.delta_shape())
+    if got != expected:
+        raise ValueError(f"{lora_name}: {patch.adapter.name} changes a {list(got)} weight, but this DiT's "
+                         f"{patch.module} is {list(expected)}: a LoRA made for another model (e.g. Lumina-2) or "
+                         "another size")
+    start = patch.target.part * rows
+    return _Placed(index, name, slice(start, start + rows), patch)
+
+
+def _dense(p: _Placed, base: torch.Tensor) -> torch.Tensor:
+    """ΔW of one placed patch at strength 1 on its rows (DoRA resolved against the base rows), float32."""
+    delta = p.patch.adapter.delta(torch.float32, base.device).reshape(base[p.rows].shape)
+    if "dora_scale" in p.patch.adapter.tensors:
+        rows = base[p.rows].float()
+        return p.patch.adapter.apply_dora(rows, delta) - rows
+    return delta
+
+
+def _attach_runtime(applied: AppliedLoras, module: Linear, name: str, group: list[_Placed],
+                    weight: torch.Tensor) -> None:
+    dtype = applied.dit.dtype
+    delta = _RuntimeDelta(module.out_features, applied.strengths)
+    base = module._weight_as(torch.float32) if any("dora_scale" in p.patch.adapter.tensors for p in group) else None
+    for p in group:
+        low = p.patch.adapter.low_rank(dtype, weight.device)
+        if low is not None:
+            delta.terms.append((p.lora, p.rows, low[0], low[1]))
+        else:
+            delta.terms.append((p.lora, p.rows, _dense(p, base if base is not None else weight).to(dtype), None))
+    module.delta = delta
+    applied._deltas.append(module)
+
+
+def _merge(applied: AppliedLoras, name: str, group: list[_Placed], param: torch.Tensor, module: nn.Module) -> None:
+    scale = getattr(module, "scale_weight", None) if name.endswith(".weight") else None
+    base = param.float() if scale is None else param.float() * scale.float()
+    new = base.clone()
+    for p in group:
+        new[p.rows] += applied.strengths[p.lora] * _dense(p, base)
+    stored = (new if scale is None else new / scale.float()).to(param.dtype)
+    applied._originals.setdefault(name, param.data)
+    _set_param(applied.dit, name, stored)
+
+
+def _set_param(dit: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    setattr(dit.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=False))

@@ -1,0 +1,116 @@
+"""Reading a Z-Image LoRA file of any trainer's format into per-module adapters (ZIMAGE_SPEC §6)."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import torch
+
+from ..keymaps import Target
+from ..safetensors_file import read_header
+from .adapters import Adapter, kind_of
+from .keys import KOHYA_PREFIXES, parse_key
+
+
+class LoraFormat(str, Enum):
+    """The layout a file is written in (told from its keys; several trainers share one)."""
+
+    MUSUBI = "musubi"  # lora_unet_<kohya name>.lora_down/lora_up + alpha (musubi-tuner native, sd-scripts style)
+    PEFT = "peft"  # lora_A/lora_B on official names: AI Toolkit, the ostris adapter, musubi --target other, diffusers
+    DIFFSYNTH = "diffsynth"  # lora_A/lora_B `.default`, no prefix (DiffSynth-Studio)
+    DIFFUSION_PIPE = "diffusion-pipe"  # lora_A/lora_B on ComfyUI names (fused attention.qkv)
+    COMFY = "comfy"  # lora_up/lora_down (+ alpha, diff, diff_b) on ComfyUI names: ComfyUI's trainer, our `comfy` output
+    LYCORIS = "lycoris"  # LoHa / LoKr adapters
+
+
+@dataclass(frozen=True)
+class LoraPatch:
+    """One module's adapter and where it lands in the DiT (canonical module, row block of a fused weight)."""
+
+    module: str  # the module as the file names it (dotted), for reports
+    target: Target
+    adapter: Adapter
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    name: str
+    format: LoraFormat
+    patches: tuple[LoraPatch, ...]
+    unmatched: tuple[str, ...]  # keys that name no Z-Image DiT module
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({p.adapter.rank for p in self.patches if p.adapter.rank})
+
+    @property
+    def alphas(self) -> list[float]:
+        return sorted({p.adapter.alpha for p in self.patches if p.adapter.alpha is not None})
+
+
+_FOREIGN = [  # (pattern in a key, the model family it belongs to)
+    (re.compile(r"double_blocks|single_blocks|img_attn|txt_attn|single_transformer_blocks"), "Flux"),
+    (re.compile(r"transformer_blocks\.\d+\.(attn|ff|norm1)\.|joint_blocks"), "Flux/SD3 (diffusers names)"),
+    (re.compile(r"down_blocks|up_blocks|input_blocks|output_blocks|lora_te\d?_|text_model"), "SD 1.x/SDXL"),
+    (re.compile(r"adaLN_modulation_1|adaLN_modulation\.1|\.attention\.(wq|wk|wv|wo)"), "Lumina-2"),
+]
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    """Read and check a LoRA file (safetensors only). Raises one clear error for an empty file, another model
+    family's LoRA, or a broken adapter (rank mismatch, NaN/Inf, alpha 0)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    header = read_header(path)  # refuses pickle and non-safetensors files with a clear message
+    if not header.tensors:
+        raise ValueError(f"{path}: an empty LoRA file (no tensors)")
+    return lora_from_state_dict(load_file(path), path.name, header.metadata)
+
+
+def lora_from_state_dict(sd: dict[str, torch.Tensor], name: str = "<state dict>",
+                         metadata: dict[str, str] | None = None) -> LoraFile:
+    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    parsed: dict[str, tuple[str, Target]] = {}
+    unmatched = []
+    for key, tensor in sd.items():
+        pk = parse_key(key)
+        if pk is None:
+            unmatched.append(key)
+            continue
+        groups[pk.group][pk.role] = tensor
+        parsed[pk.group] = (pk.module, pk.target)
+    if not groups:
+        raise ValueError(f"{name}: {_family(sd)}; no key names a Z-Image DiT module (first keys: {list(sd)[:3]})")
+    patches = []
+    for group, tensors in groups.items():
+        module, target = parsed[group]
+        patches.append(LoraPatch(module, target, Adapter(group, kind_of(set(tensors)), tensors)))
+    fmt = _format(list(sd), patches)
+    return LoraFile(name, fmt, tuple(patches), tuple(unmatched), dict(metadata or {}))
+
+
+def _family(sd) -> str:
+    for pattern, family in _FOREIGN:
+        if any(pattern.search(k) for k in sd):
+            return f"a {family} LoRA, not a Z-Image one"
+    return "not a Z-Image LoRA"
+
+
+def _format(keys: list[str], patches: list[LoraPatch]) -> LoraFormat:
+    roles = {r for p in patches for r in p.adapter.tensors}
+    if roles & {"w1a", "w1", "w1_a", "w2", "w2_a"}:
+        return LoraFormat.LYCORIS
+    if any(k.startswith(KOHYA_PREFIXES) for k in keys):
+        return LoraFormat.MUSUBI
+    comfy_names = any(p.module.endswith(("attention.qkv", "attention.out")) for p in patches)
+    if any(".lora_A." in k or ".lora_B." in k for k in keys):
+        if any(".default." in k for k in keys):
+            return LoraFormat.DIFFSYNTH
+        return LoraFormat.DIFFUSION_PIPE if comfy_names else LoraFormat.PEFT
+    return LoraFormat.COMFY
