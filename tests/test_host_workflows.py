@@ -118,7 +118,8 @@ def test_host_lists_every_node_and_imports_the_pack(host):
 def ui_to_api(ui: dict, object_info: dict) -> dict:
     """The API prompt that a plain (no groups-as-nodes, no reroutes) UI-format workflow stands for: widget values
     in INPUT_TYPES order (combos and INT/FLOAT/STRING/BOOLEAN inputs are widgets; one with
-    control_after_generate is followed by its control value), linked inputs as [node id, output slot]."""
+    control_after_generate is followed by its control value, one with image_upload by the upload button's),
+    linked inputs as [node id, output slot]."""
     links = {link[0]: link for link in ui["links"]}
     prompt = {}
     for node in ui["nodes"]:
@@ -128,8 +129,8 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
         for name, (kind, *opts) in {**spec["required"], **spec.get("optional", {})}.items():
             if isinstance(kind, list) or kind in ("COMBO", "INT", "FLOAT", "STRING", "BOOLEAN"):
                 inputs[name] = next(values)
-                if opts and opts[0].get("control_after_generate"):
-                    next(values)
+                if opts and (opts[0].get("control_after_generate") or opts[0].get("image_upload")):
+                    next(values)  # the control widget's value / the upload button's ("image")
         assert next(values, None) is None, f"node {node['id']}: more widget values than widgets"
         for slot_index, slot in enumerate(node["inputs"]):
             if slot.get("link") is not None:
