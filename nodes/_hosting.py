@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..zimage_core import ZImageDiT
+from ..zimage_core.lora import runtime_patches
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Hosted:
 
     core: Any
     patcher: comfy.model_patcher.ModelPatcher
+    loras: tuple = ()  # (LoraFile, strength) pairs this DiT's patcher applies at run time, in order
 
     def ready(self) -> Any:
         """Load onto the compute device through ComfyUI (offloading others if needed); returns the core object."""
@@ -95,6 +97,17 @@ def host_dit(dit: ZImageDiT) -> Hosted:
     patcher = comfy.model_patcher.ModelPatcher(ZImageModel(dit, dev), load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
     return _released_on_collect(Hosted(dit, patcher))
+
+
+def with_loras(hosted: Hosted, loras: tuple) -> tuple[Hosted, list]:
+    """A clone of a hosted DiT whose patcher applies `loras` (runtime mode) as object patches while it is loaded:
+    the shared base DiT is untouched, other clones and our sampler on the base see no LoRA. Returns the clone
+    and the per-LoRA reports."""
+    patches, reports, _ = runtime_patches(hosted.core, loras)
+    clone = hosted.patcher.clone()
+    for path, value in patches.items():
+        clone.add_object_patch(f"diffusion_model.{path}", value)
+    return Hosted(hosted.core, clone, loras), reports
 
 
 def host_module(core: Any, module: nn.Module, load_device: torch.device, offload_device: torch.device) -> Hosted:

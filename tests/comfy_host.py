@@ -107,7 +107,8 @@ def free_port() -> int:
 
 def write_extra_paths(path: Path, models_dir: Path) -> Path:
     """An --extra-model-paths-config file: this pack (via HOST_ROOT/custom_nodes) plus models under `models_dir`."""
-    folders = "".join(f"    {key}: {key}\n" for key in ("diffusion_models", "text_encoders", "vae", "diffusers"))
+    kinds = ("diffusion_models", "text_encoders", "vae", "diffusers", "loras")
+    folders = "".join(f"    {key}: {key}\n" for key in kinds)
     head = f"zimage_test_models:\n    base_path: {models_dir}\n    custom_nodes: {HOST_ROOT / 'custom_nodes'}\n"
     path.write_text(head + folders)
     return path

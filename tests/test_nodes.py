@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 import comfy_host
-from zimage_core import PRESETS, Preset, SamplerConfig, load_dit
+from zimage_core import PRESETS, Preset, SamplerConfig
 from zimage_fixtures import comfy_state_dict, diffusers_dit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,11 +42,16 @@ def pack():
 
 
 @pytest.fixture(scope="module")
-def dit(pack, tmp_path_factory):
-    """The DiT as the loader node returns it: hosted in ComfyUI's model management."""
+def dit_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("nodes") / "dit.safetensors"
     save_file(comfy_state_dict(diffusers_dit(seed=3).state_dict()), path)
-    return pack.nodes._hosting.host_dit(load_dit(path, "cpu", torch.float32))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dit(pack, dit_path):
+    """The DiT as the loader node returns it: hosted in ComfyUI's model management."""
+    return pack.nodes._hosting.host_dit(pack.zimage_core.load_dit(dit_path, "cpu", torch.float32))
 
 
 def positive(length: int = 5, dim: int = 64) -> list:
@@ -184,3 +189,40 @@ def test_native_lora_patch_on_the_model_is_undone_for_our_sampler(pack, dit):
     assert torch.equal(run_sampler(pack, dit, seed=6, steps=4)["samples"], base)
     assert torch.equal(dit.core.layers[0].attention.qkv.weight, base_weight)
     assert torch.allclose(native_ksampler(lora_model, seed=6, steps=4), with_lora, rtol=0, atol=1e-6)
+
+
+def test_lora_node_applies_at_run_time_and_leaves_the_base_alone(pack, dit, dit_path, tmp_path):
+    """Z-Image LoRA (a musubi file: kohya names, split q/k/v, alpha) on the hosted DiT: our sampler gives what the
+    same DiT with the LoRA merged gives; the base DiT sampled afterwards is unchanged; the LoRA'd DiT handed to
+    ComfyUI's KSampler gives our sampler's result (the object patches travel with the MODEL)."""
+    import folder_paths
+
+    g = torch.Generator().manual_seed(21)
+    lora = {}
+    for module, (rows, cols) in {"attention_to_q": (256, 256), "attention_to_v": (256, 256),
+                                 "feed_forward_w1": (682, 256)}.items():
+        lora[f"lora_unet_layers_0_{module}.lora_down.weight"] = torch.randn(4, cols, generator=g) * 0.2
+        lora[f"lora_unet_layers_0_{module}.lora_up.weight"] = torch.randn(rows, 4, generator=g) * 0.2
+        lora[f"lora_unet_layers_0_{module}.alpha"] = torch.tensor(4.0)
+    save_file(lora, tmp_path / "style.safetensors")
+    folder_paths.add_model_folder_path("loras", str(tmp_path))
+
+    base = run_sampler(pack, dit, seed=3, steps=4)["samples"]
+    lora_dit, report = pack.nodes.lora.ZImageLoraLoader().apply(dit, "style.safetensors", 0.8)
+    print(report)
+    assert "3 modules matched, 0 keys unmatched" in report
+    with_lora = run_sampler(pack, lora_dit, seed=3, steps=4)["samples"]
+    assert torch.equal(run_sampler(pack, dit, seed=3, steps=4)["samples"], base)
+
+    core = pack.zimage_core
+    merged = pack.nodes._hosting.host_dit(core.load_dit(dit_path, "cpu", torch.float32))
+    core.lora.apply_loras(merged.core, [(core.lora.read_lora(tmp_path / "style.safetensors"), 0.8)],
+                          core.lora.ApplyMode.MERGED)
+    expected = run_sampler(pack, merged, seed=3, steps=4)["samples"]
+    assert ((with_lora - expected).norm() / expected.norm()).item() <= 1e-5
+    assert ((with_lora - base).norm() / base.norm()).item() > 1e-3
+
+    model = pack.nodes.native.ZImageDiTToModel().convert(lora_dit)[0]
+    native = native_ksampler(model, seed=3, steps=4)
+    assert ((native - with_lora).norm() / with_lora.norm()).item() <= 1e-4
+    assert torch.equal(run_sampler(pack, dit, seed=3, steps=4)["samples"], base)

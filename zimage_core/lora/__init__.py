@@ -6,8 +6,8 @@
 """
 
 from .adapters import Adapter, AdapterKind
-from .apply import AppliedLoras, ApplyMode, LoraReport, apply_loras
+from .apply import AppliedLoras, ApplyMode, LoraReport, apply_loras, runtime_patches
 from .read import LoraFile, LoraFormat, LoraPatch, lora_from_state_dict, read_lora
 
 __all__ = ["Adapter", "AdapterKind", "AppliedLoras", "ApplyMode", "LoraFile", "LoraFormat", "LoraPatch", "LoraReport",
-           "apply_loras", "lora_from_state_dict", "read_lora"]
+           "apply_loras", "lora_from_state_dict", "read_lora", "runtime_patches"]

@@ -62,6 +62,8 @@ class _RuntimeDelta:
         self.terms: list[tuple[int, slice, torch.Tensor, torch.Tensor | None]] = []
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.terms and self.terms[0][2].device != x.device:  # the model was moved (offloaded and back)
+            self.terms = [(i, r, a.to(x.device), None if b is None else b.to(x.device)) for i, r, a, b in self.terms]
         out = x.new_zeros(*x.shape[:-1], self.out_features)
         for lora, rows, a, b in self.terms:
             s = self.strengths[lora]
@@ -76,8 +78,7 @@ class AppliedLoras:
 
     def __init__(self, dit: ZImageDiT, mode: ApplyMode, reports: list[LoraReport], strengths: list[float]) -> None:
         self.dit, self.mode, self.reports, self.strengths = dit, mode, reports, strengths
-        self._originals: dict[str, torch.Tensor] = {}  # parameter name → the tensor it had before
-        self._deltas: list[Linear] = []
+        self._originals: dict[str, object] = {}  # attribute path → what it held before
 
     def set_strength(self, index: int, strength: float) -> None:
         if self.mode is not ApplyMode.RUNTIME:
@@ -85,12 +86,13 @@ class AppliedLoras:
         self.strengths[index] = self.reports[index].strength = float(strength)
 
     def remove(self) -> None:
-        for name, tensor in self._originals.items():
-            _set_param(self.dit, name, tensor)
-        for module in self._deltas:
-            module.delta = None
+        for path, value in self._originals.items():
+            _set_attr(self.dit, path, value)
         self._originals.clear()
-        self._deltas.clear()
+
+    def _set(self, path: str, value: object) -> None:
+        self._originals.setdefault(path, _get_attr(self.dit, path))
+        _set_attr(self.dit, path, value)
 
     def text(self) -> str:
         return "\n".join(r.text() for r in self.reports)
@@ -99,33 +101,57 @@ class AppliedLoras:
 def apply_loras(dit: ZImageDiT, loras: Sequence[tuple[LoraFile, float]],
                 mode: ApplyMode = ApplyMode.RUNTIME) -> AppliedLoras:
     """Apply `(lora, strength)` pairs to `dit` (see the module docstring). Checks everything first."""
+    if mode is ApplyMode.RUNTIME:
+        patches, reports, strengths = runtime_patches(dit, loras)
+        applied = AppliedLoras(dit, mode, reports, strengths)
+        for path, value in patches.items():
+            applied._set(path, value)
+        return applied
+    by_param, reports = _plan(dit, loras)
+    applied = AppliedLoras(dit, mode, reports, [float(s) for _, s in loras])
+    with torch.no_grad():
+        for name, group in by_param.items():
+            applied._set(name, _merged(name, group, applied.strengths, dit))
+    return applied
+
+
+def runtime_patches(dit: ZImageDiT, loras: Sequence[tuple[LoraFile, float]]
+                    ) -> tuple[dict[str, object], list[LoraReport], list[float]]:
+    """The runtime mode as attribute patches, without changing `dit`: '<linear>.delta' → the delta callable,
+    '<norm or bias parameter>' → its replacement Parameter. (ComfyUI's ModelPatcher applies them as object
+    patches; `apply_loras` sets them directly.) The strengths list is shared by the deltas (`set_strength`)."""
+    by_param, reports = _plan(dit, loras)
+    strengths = [float(s) for _, s in loras]
+    patches: dict[str, object] = {}
+    with torch.no_grad():
+        for name, group in by_param.items():
+            module_name = name.rpartition(".")[0]
+            module = dit.get_submodule(module_name)
+            if isinstance(module, Linear) and name.endswith(".weight"):
+                patches[f"{module_name}.delta"] = _runtime_delta(dit, module, group, strengths)
+            else:
+                patches[name] = nn.Parameter(_merged(name, group, strengths, dit), requires_grad=False)
+    return patches, reports, strengths
+
+
+def _plan(dit: ZImageDiT, loras: Sequence[tuple[LoraFile, float]]
+          ) -> tuple[dict[str, list[_Placed]], list[LoraReport]]:
+    """Every patch placed on a parameter (shapes checked), by parameter; raises before anything is changed."""
     params = dict(dit.named_parameters())
     reports = [LoraReport(lora.name, float(s), unmatched=[f"{k} (names no Z-Image DiT module)" for k in lora.unmatched])
                for lora, s in loras]
-    placed = []
+    by_param: dict[str, list[_Placed]] = defaultdict(list)
     for i, (lora, _) in enumerate(loras):
         for patch in lora.patches:
             p = _place(i, patch, params, lora.name)
             if p is None:
                 reports[i].unmatched.append(f"{patch.adapter.name} (this DiT has no {patch.target.module})")
             else:
-                placed.append(p)
+                by_param[p.param].append(p)
                 reports[i].matched.append(p.param)
-    for i, (lora, _) in enumerate(loras):
         if not reports[i].matched:
             raise ValueError(f"{lora.name}: none of its {len(lora.patches)} modules exists in this DiT")
-    applied = AppliedLoras(dit, mode, reports, [float(s) for _, s in loras])
-    by_param: dict[str, list[_Placed]] = defaultdict(list)
-    for p in placed:
-        by_param[p.param].append(p)
-    with torch.no_grad():
-        for name, group in by_param.items():
-            module = dit.get_submodule(name.rpartition(".")[0])
-            if mode is ApplyMode.RUNTIME and isinstance(module, Linear) and name.endswith(".weight"):
-                _attach_runtime(applied, module, name, group, params[name])
-            else:
-                _merge(applied, name, group, params[name], module)
-    return applied
+    return by_param, reports
 
 
 def _place(index: int, patch: LoraPatch, params: dict[str, nn.Parameter], lora_name: str) -> _Placed | None:
@@ -154,32 +180,39 @@ def _dense(p: _Placed, base: torch.Tensor) -> torch.Tensor:
     return delta
 
 
-def _attach_runtime(applied: AppliedLoras, module: Linear, name: str, group: list[_Placed],
-                    weight: torch.Tensor) -> None:
-    dtype = applied.dit.dtype
-    delta = _RuntimeDelta(module.out_features, applied.strengths)
+def _runtime_delta(dit: ZImageDiT, module: Linear, group: list[_Placed], strengths: list[float]) -> _RuntimeDelta:
+    dtype, device = dit.dtype, module.weight.device
+    delta = _RuntimeDelta(module.out_features, strengths)
     base = module._weight_as(torch.float32) if any("dora_scale" in p.patch.adapter.tensors for p in group) else None
     for p in group:
-        low = p.patch.adapter.low_rank(dtype, weight.device)
+        low = p.patch.adapter.low_rank(dtype, device)
         if low is not None:
             delta.terms.append((p.lora, p.rows, low[0], low[1]))
         else:
-            delta.terms.append((p.lora, p.rows, _dense(p, base if base is not None else weight).to(dtype), None))
-    module.delta = delta
-    applied._deltas.append(module)
+            delta.terms.append((p.lora, p.rows, _dense(p, base if base is not None else module.weight).to(dtype), None))
+    return delta
 
 
-def _merge(applied: AppliedLoras, name: str, group: list[_Placed], param: torch.Tensor, module: nn.Module) -> None:
+def _merged(name: str, group: list[_Placed], strengths: list[float], dit: ZImageDiT) -> torch.Tensor:
+    """The parameter with the group's ΔW added at their strengths, in its own dtype (fp8: with its own scale)."""
+    param = dit.get_parameter(name)
+    module = dit.get_submodule(name.rpartition(".")[0])
     scale = getattr(module, "scale_weight", None) if name.endswith(".weight") else None
     base = param.float() if scale is None else param.float() * scale.float()
     new = base.clone()
     for p in group:
-        new[p.rows] += applied.strengths[p.lora] * _dense(p, base)
-    stored = (new if scale is None else new / scale.float()).to(param.dtype)
-    applied._originals.setdefault(name, param.data)
-    _set_param(applied.dit, name, stored)
+        new[p.rows] += strengths[p.lora] * _dense(p, base)
+    return (new if scale is None else new / scale.float()).to(param.dtype)
 
 
-def _set_param(dit: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    module_name, _, leaf = name.rpartition(".")
-    setattr(dit.get_submodule(module_name), leaf, nn.Parameter(tensor, requires_grad=False))
+def _get_attr(root: nn.Module, path: str) -> object:
+    module_name, _, leaf = path.rpartition(".")
+    return getattr(root.get_submodule(module_name), leaf)
+
+
+def _set_attr(root: nn.Module, path: str, value: object) -> None:
+    module_name, _, leaf = path.rpartition(".")
+    module = root.get_submodule(module_name)
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+        value = nn.Parameter(value, requires_grad=False)
+    setattr(module, leaf, value)

@@ -83,8 +83,9 @@ def lora_from_state_dict(sd: dict[str, torch.Tensor], name: str = "<state dict>"
         if pk is None:
             unmatched.append(key)
             continue
-        groups[pk.group][pk.role] = tensor
-        parsed[pk.group] = (pk.module, pk.target)
+        group = f"{pk.group}.diff_b" if pk.role == "diff_b" else pk.group  # a bias change beside a weight's LoRA
+        groups[group][pk.role] = tensor
+        parsed[group] = (pk.module, pk.target)
     if not groups:
         raise ValueError(f"{name}: {_family(sd)}; no key names a Z-Image DiT module (first keys: {list(sd)[:3]})")
     patches = []
