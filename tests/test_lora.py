@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_fixtures import Fmt, write_lora
 from safetensors.torch import save_file
 
+from lora_fixtures import Fmt, write_lora
 from zimage_core import load_dit
 from zimage_core.lora import ApplyMode, apply_loras, read_lora
 from zimage_fixtures import comfy_state_dict, diffusers_dit, inputs, rel_err
