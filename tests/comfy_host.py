@@ -172,11 +172,6 @@ class Server:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
         return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
 
-    def mapped_files(self) -> set[str]:
-        """Files the server process has mapped (/proc/PID/maps), e.g. safetensors weights read by mmap."""
-        lines = Path(f"/proc/{self.proc.pid}/maps").read_text().splitlines()
-        return {line.split(maxsplit=5)[5] for line in lines if len(line.split(maxsplit=5)) == 6}
-
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

@@ -114,12 +114,10 @@ class Adapter:
 
     def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
         """ΔW at strength 1 (scale included), flattened to (out, in) for Linear weights; DoRA is not included."""
-        t = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
         if self.kind is AdapterKind.LORA:
-            down = t["down"].flatten(1)
-            if "mid" in t:
-                down = t["mid"].flatten(1) @ down
-            return self.scale * (t["up"].flatten(1) @ down)
+            down, up = self._lora_factors(dtype, device)
+            return self.scale * (up @ down)
+        t = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
         if self.kind is AdapterKind.LOHA:
             return self.scale * ((t["w1a"] @ t["w1b"]) * (t["w2a"] @ t["w2b"]))
         if self.kind is AdapterKind.LOKR:
@@ -133,9 +131,16 @@ class Adapter:
         """(down (r, in), up·scale (out, r)) for a plain LoRA (the runtime path's two small matmuls), else None."""
         if self.kind is not AdapterKind.LORA or "dora_scale" in self.tensors:
             return None
+        down, up = self._lora_factors(dtype, device)
+        return down, up * self.scale
+
+    def _lora_factors(self, dtype: torch.dtype, device: torch.device | str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A LoRA's (down (r, in), up (out, r)), a mid factor folded into down; scale not applied."""
         t = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
-        down = t["down"].flatten(1) if "mid" not in t else t["mid"].flatten(1) @ t["down"].flatten(1)
-        return down, t["up"].flatten(1) * self.scale
+        down = t["down"].flatten(1)
+        if "mid" in t:
+            down = t["mid"].flatten(1) @ down
+        return down, t["up"].flatten(1)
 
     def apply_dora(self, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """The DoRA weight W' for base rows `weight` (out, in) and this adapter's ΔW (fp32 in, fp32 out)."""

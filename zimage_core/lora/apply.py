@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..dit import Linear, ZImageDiT
+from .adapters import AdapterKind
 from .read import LoraFile, LoraPatch
 
 
@@ -155,7 +156,7 @@ def _plan(dit: ZImageDiT, loras: Sequence[tuple[LoraFile, float]]
 
 
 def _place(index: int, patch: LoraPatch, params: dict[str, nn.Parameter], lora_name: str) -> _Placed | None:
-    leaf = "bias" if patch.adapter.kind.value == "diff_b" else "weight"
+    leaf = "bias" if patch.adapter.kind is AdapterKind.DIFF_BIAS else "weight"
     name = f"{patch.target.module}.{leaf}"
     if name not in params:
         return None

@@ -12,7 +12,7 @@ import torch
 
 from ..keymaps import Target
 from ..safetensors_file import read_header
-from .adapters import Adapter, kind_of
+from .adapters import Adapter, AdapterKind, kind_of
 from .keys import KOHYA_PREFIXES, parse_key
 
 
@@ -104,8 +104,7 @@ def _family(sd) -> str:
 
 
 def _format(keys: list[str], patches: list[LoraPatch]) -> LoraFormat:
-    roles = {r for p in patches for r in p.adapter.tensors}
-    if roles & {"w1a", "w1", "w1_a", "w2", "w2_a"}:
+    if any(p.adapter.kind in (AdapterKind.LOHA, AdapterKind.LOKR) for p in patches):
         return LoraFormat.LYCORIS
     if any(k.startswith(KOHYA_PREFIXES) for k in keys):
         return LoraFormat.MUSUBI
