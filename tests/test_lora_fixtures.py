@@ -13,13 +13,12 @@ Breaks when a fixture writes a key layout or scale the real tools do not read th
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+import comfy_lora
 from lora_fixtures import (
     ATTN_FFN,
     BAD_LORAS,
@@ -74,56 +73,7 @@ def written_lora(fmt: Fmt, folder):
 
 @pytest.fixture(scope="module")
 def comfy_key_map(base):
-    """`comfy.lora.model_lora_keys_unet` of a real (weightless) ComfyUI Z-Image model of the tiny size."""
-    import comfy_host
-
-    comfy_host.import_comfy()
-    import comfy.lora
-    import comfy.model_base
-    import comfy.model_detection
-
-    config = comfy.model_detection.model_config_from_unet({f"diffusion_model.{k}": v for k, v in base.items()},
-                                                          "diffusion_model.")
-    # detection fills the Z-Image settings only at dim 3840; the same settings at the tiny size
-    config.unet_config.update(n_heads=TINY["n_heads"], n_kv_heads=TINY["n_kv_heads"], axes_dims=TINY["axes_dims"],
-                              axes_lens=TINY["axes_lens"], rope_theta=256.0, ffn_dim_multiplier=8 / 3,
-                              z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32)
-    model = config.get_model({}, "")
-    assert isinstance(model, comfy.model_base.Lumina2)
-    native = {k.removeprefix("diffusion_model.") for k in model.state_dict()}
-    assert set(canonical_shapes()) <= native, "the ComfyUI model must have every canonical tensor"
-    return comfy.lora.model_lora_keys_unet(model, {})
-
-
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.missing: list[str] = []
-
-    def emit(self, record):
-        msg = record.getMessage()
-        if msg.startswith("lora key not loaded: "):
-            self.missing.append(msg.removeprefix("lora key not loaded: "))
-
-
-def comfy_merged(lora_sd, key_map, base, strength):
-    """ComfyUI's merge of `lora_sd` into the canonical `base` (what ModelPatcher does per weight); + unloaded keys."""
-    import comfy.lora
-
-    handler = _Collect()
-    logging.getLogger().addHandler(handler)
-    try:
-        patches = comfy.lora.load_lora(lora_sd, key_map)
-    finally:
-        logging.getLogger().removeHandler(handler)
-    out = {k: v.clone() for k, v in base.items()}
-    for patch_key, adapter in patches.items():
-        key, offset = patch_key if isinstance(patch_key, tuple) else (patch_key, None)
-        canonical = key.removeprefix("diffusion_model.")
-        result = comfy.lora.calculate_weight([(strength, adapter, 1.0, offset, None)], out[canonical], key)
-        if offset is None:
-            out[canonical] = result
-    return out, sorted(handler.missing)
+    return comfy_lora.key_map(base)
 
 
 def max_rel(a: dict, b: dict) -> float:
@@ -182,10 +132,10 @@ def test_comfyui_merges_each_format_as_its_dense_delta(fmt, base, comfy_key_map,
     written = written_lora(fmt, lora_dir)
     sd = load_file(written.path)
     if fmt in COMFY_NATIVE:
-        got, missing = comfy_merged(sd, comfy_key_map, base, STRENGTH)
+        got, missing = comfy_lora.merged(sd, comfy_key_map, base, STRENGTH)
         assert missing == []
     else:
-        _, missing = comfy_merged(sd, comfy_key_map, base, STRENGTH)
+        _, missing = comfy_lora.merged(sd, comfy_key_map, base, STRENGTH)
         if fmt in (Fmt.MUSUBI, Fmt.LOHA):
             # documented pitfall: kohya-named attention keys (to_q/to_k/to_v/to_out_0) match nothing in ComfyUI;
             # only the FFN keys (identical in both namings) load
@@ -194,7 +144,7 @@ def test_comfyui_merges_each_format_as_its_dense_delta(fmt, base, comfy_key_map,
         else:  # ComfyUI 0.3.75 maps no `transformer.` / `base_model.model.` / bare diffusers names for Z-Image
             assert missing == sorted(sd)
         rename = COMFY_RENAME[fmt]
-        got, missing = comfy_merged({rename(k): v for k, v in sd.items()}, comfy_key_map, base, STRENGTH)
+        got, missing = comfy_lora.merged({rename(k): v for k, v in sd.items()}, comfy_key_map, base, STRENGTH)
         assert missing == []
     expected = written.merged(base, STRENGTH, dora_norm="base" if fmt is Fmt.DORA else "adapted")
     assert max_rel(got, expected) <= BOUND
@@ -205,7 +155,7 @@ def test_comfyui_output_axis_dora_uses_the_base_norm(base, comfy_key_map, lora_d
     """ComfyUI 0.3.75 (`weight_adapter/base.py weight_decompose`) divides an output-axis DoRA by ‖W‖ rather than
     ‖W + ΔW‖ (Comfy-Org/ComfyUI PR #15458, open): `merged()` keeps the DoRA rule; the two differ visibly."""
     written = written_lora(Fmt.DORA, lora_dir)
-    got, _ = comfy_merged(load_file(written.path), comfy_key_map, base, 1.0)
+    got, _ = comfy_lora.merged(load_file(written.path), comfy_key_map, base, 1.0)
     assert max_rel(got, written.merged(base, 1.0, dora_norm="base")) <= BOUND
     assert max_rel(got, written.merged(base, 1.0)) > 1e-3
 
@@ -214,7 +164,7 @@ def test_musubi_without_alpha_is_scale_one_in_comfyui(base, comfy_key_map, tmp_p
     written = BAD_LORAS["musubi-no-alpha"](tmp_path / "noalpha.safetensors")
     sd = {"lycoris_" + k.removeprefix("lora_unet_"): v for k, v in load_file(written.path).items()}
     assert not any(k.endswith(".alpha") for k in sd)
-    got, missing = comfy_merged(sd, comfy_key_map, base, 1.0)
+    got, missing = comfy_lora.merged(sd, comfy_key_map, base, 1.0)
     assert missing == [] and max_rel(got, written.merged(base)) <= BOUND
 
 
@@ -222,7 +172,7 @@ def test_alpha_zero_is_a_no_op_in_comfyui(base, comfy_key_map, tmp_path):
     written = BAD_LORAS["alpha-zero"](tmp_path / "a0.safetensors")
     assert all(not d.any() for d in written.deltas.values())
     sd = {"lycoris_" + k.removeprefix("lora_unet_"): v for k, v in load_file(written.path).items()}
-    got, _ = comfy_merged(sd, comfy_key_map, base, 1.0)
+    got, _ = comfy_lora.merged(sd, comfy_key_map, base, 1.0)
     assert all(torch.equal(got[k], base[k]) for k in base)
 
 
@@ -297,7 +247,7 @@ def test_foreign_loras_fit_no_tiny_zimage_module(name, comfy_key_map, base, tmp_
         assert all(v.shape[-1] == 2304 for k, v in sd.items() if ".lora_A." in k)
         assert sd["diffusion_model.layers.0.attention.qkv.lora_B.weight"].shape[0] == 3840
     else:
-        _, missing = comfy_merged(sd, comfy_key_map, base, 1.0)
+        _, missing = comfy_lora.merged(sd, comfy_key_map, base, 1.0)
         assert missing == sorted(sd)
 
 

@@ -7,7 +7,9 @@
 
 from .adapters import Adapter, AdapterKind
 from .apply import AppliedLoras, ApplyMode, LoraReport, apply_loras, runtime_patches
+from .convert import ConvertedLora, TargetFormat, convert_lora, save_lora
 from .read import LoraFile, LoraFormat, LoraPatch, lora_from_state_dict, read_lora
 
-__all__ = ["Adapter", "AdapterKind", "AppliedLoras", "ApplyMode", "LoraFile", "LoraFormat", "LoraPatch", "LoraReport",
-           "apply_loras", "lora_from_state_dict", "read_lora", "runtime_patches"]
+__all__ = ["Adapter", "AdapterKind", "AppliedLoras", "ApplyMode", "ConvertedLora", "LoraFile", "LoraFormat",
+           "LoraPatch", "LoraReport", "TargetFormat", "apply_loras", "convert_lora", "lora_from_state_dict",
+           "read_lora", "runtime_patches", "save_lora"]
