@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..zimage_core import ZImageDiT
-from ..zimage_core.lora import runtime_patches
+from ..zimage_core.lora import normalised_strengths, runtime_patches
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,22 @@ class Hosted:
 
     core: Any
     patcher: comfy.model_patcher.ModelPatcher
-    loras: tuple = ()  # (LoraFile, strength) pairs this DiT's patcher applies at run time, in order
+    loras: tuple = ()  # (LoraFile, strength) pairs as the Z-Image LoRA nodes asked for them, in order
+    normalise: bool = False  # the patcher applies the stack's normalised strengths (Z-Image LoRA `normalise`)
 
     def ready(self) -> Any:
         """Load onto the compute device through ComfyUI (offloading others if needed); returns the core object."""
         mm.load_models_gpu([self.patcher])
         return self.core
+
+    @property
+    def applied_loras(self) -> list[tuple]:
+        """The (LoraFile, strength) pairs this DiT's patcher applies at run time: `loras`, with the strengths
+        normalised over the whole stack (Σ|s| ≤ 1) when `normalise`."""
+        if not self.normalise:
+            return list(self.loras)
+        strengths = normalised_strengths([s for _, s in self.loras])
+        return [(lora, s) for (lora, _), s in zip(self.loras, strengths, strict=True)]
 
     @property
     def device(self) -> torch.device:
@@ -99,15 +109,19 @@ def host_dit(dit: ZImageDiT) -> Hosted:
     return _released_on_collect(Hosted(dit, patcher))
 
 
-def with_loras(hosted: Hosted, loras: tuple) -> tuple[Hosted, list]:
+def with_loras(hosted: Hosted, loras: tuple, normalise: bool = False) -> tuple[Hosted, list]:
     """A clone of a hosted DiT whose patcher applies `loras` (runtime mode) as object patches while it is loaded:
     the shared base DiT is untouched, other clones and our sampler on the base see no LoRA. Returns the clone
-    and the per-LoRA reports."""
-    patches, reports, _ = runtime_patches(hosted.core, loras)
-    clone = hosted.patcher.clone()
+    and the per-LoRA reports (at the strengths applied).
+
+    `normalise` scales the whole stack's strengths to Σ|s| ≤ 1. It is sticky: a stack normalised once stays
+    normalised in every clone made from it, so a LoRA node added after a normalising one cannot undo it, and a
+    chain where only the last node asks is normalised as a whole (the raw strengths are kept in `loras`)."""
+    lora_dit = Hosted(hosted.core, hosted.patcher.clone(), tuple(loras), normalise or hosted.normalise)
+    patches, reports, _ = runtime_patches(hosted.core, lora_dit.applied_loras)
     for path, value in patches.items():
-        clone.add_object_patch(f"diffusion_model.{path}", value)
-    return Hosted(hosted.core, clone, loras), reports
+        lora_dit.patcher.add_object_patch(f"diffusion_model.{path}", value)
+    return lora_dit, reports
 
 
 def host_module(core: Any, module: nn.Module, load_device: torch.device, offload_device: torch.device) -> Hosted:

@@ -5,7 +5,8 @@ The host (ComfyUI 0.3.75 with this pack, tiny random models under the real file 
 `.api.json`, `tests/browser/drop_and_queue.mjs` (playwright-core + Debian's chromium, both installed by
 scripts/setup.sh) opens the page, drops the file unchanged onto the canvas as a desktop drag does (a `drop`
 event with a File), shrinks the image size in the loaded graph to 64×64 (1024² is too slow on CPU), clicks
-Run and waits for the image in the SaveImage node and in the Queue panel. Screenshots after the drop and after
+Run and waits for the image in the SaveImage node and in the Queue panel (a workflow without an image output,
+e.g. LoRA inspect/convert, for its text in each Preview Any node instead). Screenshots after the drop and after
 the image go to `test-artifacts/browser/` (kept, ignored by git), with the script's JSON result beside them.
 
 Locks in: each UI workflow loads with exactly its node types and the same widget values as in the file (a
@@ -45,6 +46,7 @@ CHROMIUM = Path(os.environ.get("ZIMAGE_CHROMIUM", "/usr/bin/chromium"))
 NODE = Path(os.environ.get("ZIMAGE_NODE", "/usr/bin/node"))
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 SIZE = 64
+IMAGE_NODES = {"SaveImage", "PreviewImage"}
 
 # Console errors and uncaught exceptions that are not ours, each with why (matched on the message text, plus
 # the URL for network errors). Anything else the page logs as an error fails the test.
@@ -142,9 +144,11 @@ def test_ui_workflow_drops_runs_and_shows_its_image(host, workflow):
         seen = r.get(when) or {}
         check(seen.get("dialogs") == [], f"{when}: dialogs/toasts {seen.get('dialogs')}")
         check(seen.get("nodes") == [], f"{when}: node errors {seen.get('nodes')}")
-    check(r.get("resized"), "no width/height widget to shrink (EmptySD3LatentImage, ImageScale, ...)")
-    check(r.get("sent_sizes") and all(v == [SIZE, SIZE] for v in r["sent_sizes"].values()),
-          f"sizes in the queued prompt: {r.get('sent_sizes')}")
+    images = any(n["type"] in IMAGE_NODES for n in json.loads(workflow.read_text())["nodes"])
+    if images:
+        check(r.get("resized"), "no width/height widget to shrink (EmptySD3LatentImage, ImageScale, ...)")
+        check(r.get("sent_sizes") and all(v == [SIZE, SIZE] for v in r["sent_sizes"].values()),
+              f"sizes in the queued prompt: {r.get('sent_sizes')}")
     check(r.get("prompt_status") == 200 and not r.get("prompt_node_errors"),
           f"POST /prompt {r.get('prompt_status')}: {r.get('prompt_node_errors')}")
     if r.get("widget_extras"):
@@ -152,10 +156,13 @@ def test_ui_workflow_drops_runs_and_shows_its_image(host, workflow):
     if r.get("prompt_id"):
         entry = server.wait(r["prompt_id"])
         check(entry["status"]["status_str"] == "success", f"/history status {entry['status']}")
+        check(r.get("finished") == "success", f"the page heard {r.get('finished')}")
+        if not images:
+            check_texts(r, entry, check)
+    if r.get("prompt_id") and images:
         saved = sorted((node, i["filename"]) for node, out in entry.get("outputs", {}).items()
                        for i in out.get("images", []))
         check(saved, f"/history lists no image: {entry.get('outputs')}")
-        check(r.get("finished") == "success", f"the page heard {r.get('finished')}")
         heard = sorted((o["node"], o["filename"]) for o in r.get("ui_outputs") or [])
         check(heard == saved, f"UI got outputs {heard}, /history has {saved}")
         shown = sorted((o["node"], o["filename"]) for o in r.get("node_images") or [])
@@ -169,6 +176,17 @@ def test_ui_workflow_drops_runs_and_shows_its_image(host, workflow):
           f"screenshots {r['screenshots']}")
     check(page_errors(r) == [], "page errors:\n  " + "\n  ".join(page_errors(r)))
     assert not problems, f"{workflow.name} in the browser ({ARTIFACTS}):\n- " + "\n- ".join(problems)
+
+
+def check_texts(r: dict, entry: dict, check) -> None:
+    """A text-output run: the page heard every text /history has, and each Preview Any node shows its own."""
+    texts = sorted((node, t) for node, out in entry.get("outputs", {}).items() for t in out.get("text", []))
+    check(texts, f"/history lists no text: {entry.get('outputs')}")
+    heard = sorted((o["node"], o["text"]) for o in r.get("ui_texts") or [])
+    check(heard == texts, f"UI got texts {heard}, /history has {texts}")
+    shown = sorted((o["node"], o["text"]) for o in r.get("node_texts") or [])
+    previews = [(node, t) for node, t in texts if node in {o["node"] for o in r.get("node_texts") or []}]
+    check(shown and shown == previews, f"Preview Any nodes show {shown}, /history has {previews}")
 
 
 def test_a_missing_node_is_seen(host, tmp_path):

@@ -4,7 +4,9 @@ Locks in: ComfyUI's interrupt flag stops our sampler before the next DiT forward
 InterruptProcessingException (so the UI says "interrupted", not an error); the progress bar gets one
 update per step; widget sentinels (steps 0, guidance −1, shift 0) mean "the preset's"; CONDITIONING
 padding is dropped by its attention mask; LATENT ↔ model space uses ComfyUI's Flux latent format and
-leaves an all-zero (empty) latent unshifted, as KSampler does; batch_index latents get KSampler's noise.
+leaves an all-zero (empty) latent unshifted, as KSampler does; batch_index latents get KSampler's noise;
+Z-Image LoRA's `normalise` bounds the whole chain's strengths and stays on for the nodes after it; file names
+for the savers are plain names (no folders, no '..'); Inspect reports format, rank, alpha and targets.
 Breaks if a host convention in nodes/_host.py drifts from ComfyUI's code.
 """
 
@@ -226,3 +228,37 @@ def test_lora_node_applies_at_run_time_and_leaves_the_base_alone(pack, dit, dit_
     native = native_ksampler(model, seed=3, steps=4)
     assert ((native - with_lora).norm() / with_lora.norm()).item() <= 1e-4
     assert torch.equal(run_sampler(pack, dit, seed=3, steps=4)["samples"], base)
+
+
+def test_lora_normalise_covers_the_whole_chain_and_stays_on(pack, dit, tmp_path):
+    """Z-Image LoRA with normalise: the strengths of every LoRA in the chain so far are scaled to Σ|s| = 1 (ratios
+    kept); a later node without it keeps the stack normalised (it cannot undo it); a chain without it is unchanged;
+    the patcher's deltas use the applied strengths, the report shows them; an old workflow (no normalise) works."""
+    import folder_paths
+
+    from lora_fixtures import Fmt, write_lora
+
+    for name, fmt, seed in (("a.safetensors", Fmt.MUSUBI, 1), ("b.safetensors", Fmt.AI_TOOLKIT, 2),
+                            ("c.safetensors", Fmt.DIFFSYNTH, 3)):
+        write_lora(fmt, tmp_path / name, seed=seed)
+    folder_paths.add_model_folder_path("loras", str(tmp_path))
+    node = pack.nodes.lora.ZImageLoraLoader()
+    plain, _ = node.apply(node.apply(dit, "a.safetensors", 0.8)[0], "b.safetensors", 0.6)
+    assert not plain.normalise and [s for _, s in plain.applied_loras] == [0.8, 0.6]
+    two, report = node.apply(node.apply(dit, "a.safetensors", 0.8)[0], "b.safetensors", 0.6, True)
+    print(report)
+    assert [s for _, s in two.loras] == [0.8, 0.6]  # as asked
+    assert [s for _, s in two.applied_loras] == pytest.approx([0.8 / 1.4, 0.6 / 1.4])
+    assert "normalised stack" in report and "a.safetensors (strength 0.5714" in report
+    delta = two.patcher.object_patches["diffusion_model.layers.0.attention.qkv.delta"]
+    assert delta.strengths == pytest.approx([0.8 / 1.4, 0.6 / 1.4])
+    three, _ = node.apply(two, "c.safetensors", 0.6)  # normalise off here: the stack stays normalised
+    assert three.normalise and [s for _, s in three.applied_loras] == pytest.approx([0.4, 0.3, 0.3])
+    within, _ = node.apply(dit, "a.safetensors", 0.5, True)
+    assert [s for _, s in within.applied_loras] == [0.5]  # already within the budget: unchanged
+
+
+@pytest.mark.parametrize("name", ["../x", "..", "a/b", "a\\b", "/abs", "", "  ", "c:x", "x..y"])
+def test_saver_file_names_must_be_plain(pack, name):
+    with pytest.raises(ValueError, match="plain file name"):
+        pack.nodes.lora.plain_name(name)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .checkpoint import plan_dit
 from .config import Shapes, shape_dim
+from .lora.keys import KOHYA_PREFIXES, ParsedKey, parse_key
 from .probe import ModelKind, classify
 from .safetensors_file import PICKLE_SUFFIXES, Header, TensorInfo, read_tensor
 from .sources import Source, open_source
@@ -216,52 +217,50 @@ def _vae(src: Source) -> dict:
 
 
 # --- LoRA ------------------------------------------------------------------------------------------
+# Keys are parsed by the LoRA package's one parser (`lora.keys.parse_key`), on names only: no tensor is read.
 
-_ADAPTER_KEY = re.compile(
-    r"^(?P<module>.+?)\.(?P<leaf>lora_[AB](?:\.default)?\.weight|lora_(?:up|down|mid)\.weight|lora\.(?:up|down)\.weight"
-    r"|hada_(?:w[12]_[ab]|t[12])|lokr_(?:w[12](?:_[ab])?|t[12])|alpha|diff|diff_b|dora_scale)$"
-)
 _RANK_LEAVES = {"lora_A.weight", "lora_A.default.weight", "lora_down.weight", "lora.down.weight", "hada_w1_b",
                 "lokr_w1_b", "lokr_w2_b"}  # (rank, in_features, ...) factors
-_LORA_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "lora_unet_",
-                  "lycoris_", "lora_te1_", "lora_te2_", "lora_te_")
-_TARGETS = (  # on the bare module name with '.' written as '_'; first match wins
-    ("refiners", re.compile(r"^(noise|context)_refiner_\d+_")),
-    ("norms", re.compile(r"^layers_\d+_(attention|ffn)_norm")),
-    ("attention", re.compile(r"^layers_\d+_attention_")),
-    ("feed_forward", re.compile(r"^layers_\d+_feed_forward_")),
-    ("adaLN", re.compile(r"^layers_\d+_adaLN_modulation")),
-    ("embedders", re.compile(r"^(all_)?(x|cap|t)_embedder")),
-    ("final_layer", re.compile(r"^(all_)?final_layer")),
+_TARGETS = (  # on the canonical module name; first match wins
+    ("refiners", re.compile(r"^(noise|context)_refiner\.\d+\.")),
+    ("norms", re.compile(r"^layers\.\d+\.(attention|ffn)_norm")),
+    ("attention", re.compile(r"^layers\.\d+\.attention\.")),
+    ("feed_forward", re.compile(r"^layers\.\d+\.feed_forward\.")),
+    ("adaLN", re.compile(r"^layers\.\d+\.adaLN_modulation")),
+    ("embedders", re.compile(r"^(x|cap|t)_embedder")),
+    ("final_layer", re.compile(r"^final_layer")),
 )
 
 
 def _lora(src: Source) -> dict:
     tensors = src.tensors()
-    modules: dict[str, dict[str, TensorInfo]] = defaultdict(dict)
+    modules: dict[str, dict[str, TensorInfo]] = defaultdict(dict)  # key group (module as written) -> leaf -> info
+    parsed: dict[str, ParsedKey] = {}
     unrecognised = 0
     for key, (_, info) in tensors.items():
-        if m := _ADAPTER_KEY.match(key):
-            modules[m["module"]][m["leaf"]] = info
+        if pk := parse_key(key):
+            modules[pk.group][key[len(pk.group) + 1:]] = info
+            parsed[pk.group] = pk
         else:
             unrecognised += 1
     adapted = {name: leaves for name, leaves in modules.items() if any(map(_algorithm, leaves))}
-    prefixes = sorted({_split_prefix(name)[0] for name in adapted})
-    bare = {_split_prefix(name)[1].replace(".", "_"): name for name in adapted}
+    prefixes = sorted({parsed[name].prefix for name in adapted})
+    written = [parsed[name].module for name in adapted]  # dotted, in the file's own naming
+    canonical = [parsed[name].target.module for name in adapted]
     alphas = [k for k in tensors if k.endswith(".alpha")]
     config = {
         "algorithm": "+".join(sorted({a for leaves in adapted.values() for a in map(_algorithm, leaves) if a})),
-        "naming": "kohya" if any(p.startswith(("lora_", "lycoris_")) for p in prefixes) else "dotted",
+        "naming": "kohya" if any(p in KOHYA_PREFIXES for p in prefixes) else "dotted",
         "prefix": prefixes[0] if len(prefixes) == 1 else prefixes,
         "peft_default": any(".default." in leaf for leaves in adapted.values() for leaf in leaves),
-        "attention": _attention_style(bare),
+        "attention": _attention_style(written),
         "ranks": sorted({int(info.shape[0]) for leaves in adapted.values() for leaf, info in leaves.items()
                          if leaf in _RANK_LEAVES}),
         "alpha": bool(alphas),
         "alphas": sorted(set(_scalars(src, alphas))),
         "modules": len(adapted),
-        "layers": len({m.group(1) for b in bare if (m := re.match(r"^layers_(\d+)_", b))}),
-        "targets": dict(sorted(Counter(_target(b, bare[b]) for b in bare).items())),
+        "layers": len({m.group(1) for c in canonical if (m := re.match(r"^layers\.(\d+)\.", c))}),
+        "targets": dict(sorted(Counter(target_group(c) for c in canonical).items())),
         "diff": sum(k.endswith(".diff") for k in tensors),
         "diff_b": sum(k.endswith(".diff_b") for k in tensors),
         "unrecognised_keys": unrecognised,
@@ -287,23 +286,16 @@ def _lora_layout(config: dict, adapted: Mapping[str, Mapping[str, TensorInfo]]) 
     return "+".join(sorted(styles))
 
 
-def _split_prefix(module: str) -> tuple[str, str]:
-    prefix = ""
-    while p := next((p for p in _LORA_PREFIXES if module.startswith(p)), None):
-        prefix, module = prefix + p, module.removeprefix(p)
-    return prefix, module
-
-
-def _attention_style(bare_names) -> str:
-    fused = any(n.endswith("_attention_qkv") for n in bare_names)
-    split = any(re.search(r"_attention_to_[qkv]$", n) for n in bare_names)
+def _attention_style(modules: list[str]) -> str:
+    fused = any(m.endswith(".attention.qkv") for m in modules)
+    split = any(re.search(r"\.attention\.to_[qkv]$", m) for m in modules)
     return "+".join(name for name, found in (("fused_qkv", fused), ("split_qkv", split)) if found) or "none"
 
 
-def _target(bare: str, module: str) -> str:
-    if module.startswith("lora_te"):
-        return "text_encoder"
-    return next((name for name, pattern in _TARGETS if pattern.match(bare)), "other")
+def target_group(canonical: str) -> str:
+    """The report group of a canonical DiT module: refiners, norms, attention, feed_forward, adaLN, embedders,
+    final_layer or other (also `lora inspect`'s coverage groups, with the refiners told apart)."""
+    return next((name for name, pattern in _TARGETS if pattern.match(canonical)), "other")
 
 
 def _scalars(src: Source, keys: list[str]) -> list[float]:

@@ -1,6 +1,7 @@
 // Drives the real ComfyUI frontend (comfyui-frontend-package, served by the host) in headless Chromium the way a
 // user does: open the page, drop a UI workflow file onto the canvas, look for the missing-node dialog and error
-// badges, shrink the image size in the loaded graph, click Run, wait for the image. Used by tests/test_browser.py,
+// badges, shrink the image size in the loaded graph, click Run, wait for the image (or, for a workflow with text
+// outputs only, for the text in its Preview Any nodes). Used by tests/test_browser.py,
 // which asserts on the single JSON line this prints (every check is reported, none decided here, so the test
 // shows all that went wrong at once).
 //
@@ -222,6 +223,9 @@ async function drive(page) {
     .then((h) => h.jsonValue())
   result.ui_outputs = await page.evaluate((id) => window.__zimage.executed.filter((d) => d.prompt_id === id)
     .flatMap((d) => (d.output?.images ?? []).map((img) => ({ node: String(d.display_node ?? d.node), ...img }))), id)
+  result.ui_texts = await page.evaluate((id) => window.__zimage.executed.filter((d) => d.prompt_id === id)
+    .flatMap((d) => (d.output?.text ?? []).map((text) => ({ node: String(d.display_node ?? d.node), text }))), id)
+  if (!result.ui_outputs.length) return showTexts(page)
 
   // Each output image drawn in its node on the canvas: the node's <img> has loaded that file's /view URL.
   result.stage = 'image'
@@ -245,6 +249,25 @@ async function drive(page) {
   await panelImage.waitFor({ state: 'visible', timeout: 20000 })
   await page.waitForFunction((img) => img.complete && img.naturalWidth > 0, await panelImage.elementHandle())
   result.panel_image = await panelImage.evaluate((img) => ({ src: img.src, width: img.naturalWidth }))
+  result.after_run = { dialogs: await visibleProblems(page), nodes: await nodeProblems(page) }
+  await page.evaluate(() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView'))
+  await page.waitForTimeout(300)
+  await shot(page, 'done')
+}
+
+// A workflow whose outputs are text only (LoRA inspect / convert): each Preview Any node (PreviewAny) shows the
+// text its run sent, in its read-only preview widget (the frontend fills it in onExecuted).
+async function showTexts(page) {
+  if (!result.ui_texts.length) throw new Error('the run gave no image and no text output')
+  result.stage = 'text'
+  const sent = Object.fromEntries(result.ui_texts.map((t) => [t.node, t.text]))
+  result.node_texts = await page
+    .waitForFunction((sent) => {
+      const shown = window.app.graph.nodes.filter((n) => n.type === 'PreviewAny')
+        .map((n) => ({ node: String(n.id), text: n.widgets?.find((w) => w.name === 'preview')?.value ?? null }))
+      return shown.length && shown.every((s) => s.text && s.text === sent[s.node]) ? shown : null
+    }, sent, { timeout: 20000, polling: 250 })
+    .then((h) => h.jsonValue())
   result.after_run = { dialogs: await visibleProblems(page), nodes: await nodeProblems(page) }
   await page.evaluate(() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView'))
   await page.waitForTimeout(300)

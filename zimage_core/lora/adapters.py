@@ -66,8 +66,10 @@ class Adapter:
                 or self.kind is AdapterKind.LOKR and not ({"w2"} <= roles or {"w2_a", "w2_b"} <= roles):
             raise ValueError(f"{self.name}: a LoKr adapter needs lokr_w1 (or _a and _b) and lokr_w2 (or _a and _b)")
         for role, t in self.tensors.items():
-            if not torch.isfinite(t).all():
-                raise ValueError(f"{self.name}.{role}: NaN or Inf in the LoRA weights")
+            if not (finite := torch.isfinite(t)).all():
+                bad = t[~finite]
+                raise ValueError(f"{self.name}.{role}: {bad.numel()} NaN or Inf values in the LoRA weights "
+                                 f"(first: {bad[0].item()})")
         if "alpha" in self.tensors and float(self.tensors["alpha"]) == 0:
             raise ValueError(f"{self.name}: alpha is 0 (the adapter would do nothing); a file error")
         if self.kind is AdapterKind.LORA:
@@ -75,6 +77,23 @@ class Adapter:
             inner = self.tensors["mid"].shape[:2] if "mid" in self.tensors else (down.shape[0], down.shape[0])
             if up.shape[1] != inner[0] or down.shape[0] != inner[1]:
                 raise ValueError(f"{self.name}: rank mismatch, up {list(up.shape)} and down {list(down.shape)}")
+        self._check_products()
+        if "dora_scale" in self.tensors and self.tensors["dora_scale"].numel() != self.out_features:
+            raise ValueError(f"{self.name}: DoRA magnitude {list(self.tensors['dora_scale'].shape)} for "
+                             f"{self.out_features} output rows")
+
+    def _check_products(self) -> None:
+        """LoHa / LoKr factor pairs multiply (inner sizes agree), and LoHa's two products have one shape."""
+        t = self.tensors
+        pairs = {AdapterKind.LOHA: (("w1a", "w1b"), ("w2a", "w2b")),
+                 AdapterKind.LOKR: (("w1_a", "w1_b"), ("w2_a", "w2_b"))}.get(self.kind, ())
+        for a, b in pairs:
+            if a in t and b in t and t[a].shape[1] != t[b].shape[0]:
+                raise ValueError(f"{self.name}: rank mismatch, {a} {list(t[a].shape)} and {b} {list(t[b].shape)}")
+        if self.kind is AdapterKind.LOHA:
+            w1, w2 = [t["w1a"].shape[0], t["w1b"].shape[1]], [t["w2a"].shape[0], t["w2b"].shape[1]]
+            if w1 != w2:
+                raise ValueError(f"{self.name}: LoHa products of different shapes, w1 {w1} and w2 {w2}")
 
     @property
     def rank(self) -> int | None:

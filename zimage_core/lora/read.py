@@ -43,6 +43,7 @@ class LoraFile:
     patches: tuple[LoraPatch, ...]
     unmatched: tuple[str, ...]  # keys that name no Z-Image DiT module
     metadata: dict[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()  # readable but suspicious (e.g. kohya-style adapters without alpha)
 
     @property
     def ranks(self) -> list[int]:
@@ -91,9 +92,26 @@ def lora_from_state_dict(sd: dict[str, torch.Tensor], name: str = "<state dict>"
     patches = []
     for group, tensors in groups.items():
         module, target = parsed[group]
-        patches.append(LoraPatch(module, target, Adapter(group, kind_of(set(tensors)), tensors)))
+        try:
+            adapter = Adapter(group, kind_of(set(tensors)), tensors)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        patches.append(LoraPatch(module, target, adapter))
     fmt = _format(list(sd), patches)
-    return LoraFile(name, fmt, tuple(patches), tuple(unmatched), dict(metadata or {}))
+    return LoraFile(name, fmt, tuple(patches), tuple(unmatched), dict(metadata or {}), _warnings(sd, patches))
+
+
+def _warnings(sd, patches: list[LoraPatch]) -> tuple[str, ...]:
+    """kohya-style adapters (lora_down/lora_up, hada_*) without alpha: read at scale 1, as ComfyUI and diffusers
+    do (ZIMAGE_SPEC §6.2), but kohya/musubi trainers always store alpha (default 1 → scale 1/rank)."""
+    kohya = {pk.group for k in sd if k.endswith(("lora_down.weight", "hada_w1_a")) and (pk := parse_key(k))}
+    bare = [p.adapter for p in patches if p.adapter.name in kohya and p.adapter.alpha is None]
+    if not bare:
+        return ()
+    ranks = sorted({a.rank for a in bare if a.rank})
+    return (f"{len(bare)} of {len(patches)} modules have no alpha key (e.g. {bare[0].name}): read at scale 1 as "
+            f"ComfyUI does; kohya/musubi trainers store alpha (default 1 → scale 1/rank), so this LoRA may act up to "
+            f"{max(ranks, default=1)}× stronger than trained (rank {ranks})",)
 
 
 def _family(sd) -> str:
