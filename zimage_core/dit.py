@@ -35,11 +35,14 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.register_buffer("scale_weight", None)
-        self.delta: Callable[[torch.Tensor], torch.Tensor] | None = None  # runtime LoRAs: out += delta(x)
+        # runtime LoRAs: delta(x, outs) adds their change into the output (or its column blocks) in place
+        self.delta: Callable[[torch.Tensor, Sequence[torch.Tensor]], None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self._weight_as(x.dtype), self.bias)
-        return y if self.delta is None else y + self.delta(x)
+        if self.delta is not None:
+            self.delta(x, (y,))
+        return y
 
     def forward_parts(self, x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
         """The output's `parts` equal column blocks, one matmul per row block of the weight (views, no copy).
@@ -48,9 +51,9 @@ class Linear(nn.Linear):
         (bench/dit_forward.py), and q, k, v come out contiguous. Bias-free layers only.
         """
         ys = tuple(F.linear(x, w) for w in self._weight_as(x.dtype).chunk(parts))
-        if self.delta is None:
-            return ys
-        return tuple(y + d for y, d in zip(ys, self.delta(x).chunk(parts, dim=-1), strict=True))
+        if self.delta is not None:
+            self.delta(x, ys)
+        return ys
 
     def _weight_as(self, dtype: torch.dtype) -> torch.Tensor:
         w = self.weight

@@ -1,6 +1,6 @@
 """Applying LoRAs to a loaded ZImageDiT: several at once, each with its own strength, in two modes.
 
-- `ApplyMode.RUNTIME`: base weights are not touched. Each targeted Linear gets a `delta(x)` that adds
+- `ApplyMode.RUNTIME`: base weights are not touched. Each targeted Linear gets a `delta(x, outs)` that adds
   Σ strength·(x·downᵀ)·(scale·up)ᵀ (two small matmuls per plain LoRA; a dense ΔW for LoHa/LoKr/DoRA); fp8 base
   weights work as they are, and strengths change without re-applying (`set_strength`). A `diff` on a norm or
   a `diff_b` on a bias is small: it swaps in a new tensor (the original object is kept for `remove`).
@@ -58,52 +58,58 @@ class _Placed:
 
 
 _Term = tuple[int, slice, torch.Tensor, "torch.Tensor | None"]  # (LoRA index, rows, down or dense ΔW, up·scale)
+# one output block's share of a term: (LoRA index, block, columns in the block, columns of h, matrix ᵀ)
+_Piece = tuple[int, int, slice, slice, torch.Tensor]
 
 
 class _RuntimeDelta:
-    """Linear.delta for the LoRAs on one module: out[..., rows] += strength · (x·downᵀ)·upᵀ (or x·ΔWᵀ).
+    """Linear.delta for the LoRAs on one module: adds strength · (x·downᵀ)·upᵀ (or x·ΔWᵀ) into the output rows
+    of each term, in place (`Linear.forward`: one output; `forward_parts`: its column blocks, e.g. q, k, v).
 
-    The plain LoRAs' downs are stacked into one (Σr, in) matrix, so x is read by one GEMM; the strengths scale the
-    small (…, Σr) product; row blocks that tile the output (split q/k/v, or one whole-module LoRA) are concatenated
-    instead of added into a zeroed output (a third of the overhead, bench/lora.py)."""
+    The plain LoRAs' downs are stacked into one (Σr, in) matrix, so x is read by one GEMM; each up then adds
+    straight into its columns of the output with `addmm_` (the strength as its alpha), so no ΔW-sized temporary
+    is made (bench/lora.py)."""
 
     def __init__(self, out_features: int, strengths: list[float]) -> None:
         self.out_features, self.strengths = out_features, strengths
         self.terms: list[_Term] = []
-        self._plan: tuple[torch.Tensor, list[_Term], list[_Term], bool] | None = None
+        self._plans: dict[int, tuple[torch.Tensor, list[_Piece], list[_Piece]]] = {}
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, outs: Sequence[torch.Tensor]) -> None:
         if self.terms and self.terms[0][2].device != x.device:  # the model was moved (offloaded and back)
             self.terms = [(i, r, a.to(x.device), None if b is None else b.to(x.device)) for i, r, a, b in self.terms]
-            self._plan = None
-        if self._plan is None:
-            self._plan = self._planned()
-        downs, low, dense, tiled = self._plan
-        ys = []
-        if low:
-            h = x @ downs.T  # (..., Σr)
-            scale = torch.cat([h.new_full((t[2].shape[0],), self.strengths[t[0]]) for t in low])
-            ys = [hi @ t[3].T for hi, t in zip((h * scale).split([t[2].shape[0] for t in low], -1), low, strict=True)]
-        if tiled:
-            return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
-        out = x.new_zeros(*x.shape[:-1], self.out_features)
-        for t, y in zip(low, ys, strict=True):
-            out[..., t[1]] += y
-        for lora, rows, a, _ in dense:
+            self._plans.clear()
+        if len(outs) not in self._plans:
+            self._plans[len(outs)] = self._planned(len(outs))
+        downs, low, dense = self._plans[len(outs)]
+        x2 = x.reshape(-1, x.shape[-1])
+        blocks = [y.view(-1, y.shape[-1]) for y in outs]  # Linear outputs are contiguous: views, written in place
+        h = x2 @ downs.T if low else None  # (tokens, Σr)
+        for lora, block, cols, h_cols, up_t in low:
             if s := self.strengths[lora]:
-                out[..., rows] += s * (x @ a.T)
-        return out
+                blocks[block][:, cols].addmm_(h[:, h_cols], up_t, alpha=s)
+        for lora, block, cols, _, delta_t in dense:
+            if s := self.strengths[lora]:
+                blocks[block][:, cols].addmm_(x2, delta_t, alpha=s)
 
-    def _planned(self) -> tuple[torch.Tensor, list[_Term], list[_Term], bool]:
-        """(stacked downs, low-rank terms by first row, dense terms, whether the low-rank row blocks tile
-        [0, out_features) exactly in order with no dense term)."""
-        low = sorted((t for t in self.terms if t[3] is not None), key=lambda t: t[1].start or 0)
-        dense = [t for t in self.terms if t[3] is None]
-        downs = torch.cat([t[2] for t in low]) if low else self.terms[0][2][:0]
-        starts = [0] + [t[1].stop for t in low]
-        tiled = not dense and starts[-1] == self.out_features and all(
-            (t[1].start or 0) == start for t, start in zip(low, starts, strict=False))
-        return downs, low, dense, tiled
+    def _planned(self, parts: int) -> tuple[torch.Tensor, list[_Piece], list[_Piece]]:
+        """(stacked downs, low-rank pieces, dense pieces): each term cut at the output's block boundaries."""
+        width = self.out_features // parts
+        low_terms = [t for t in self.terms if t[3] is not None]
+        downs = torch.cat([t[2] for t in low_terms]) if low_terms else self.terms[0][2][:0]
+        low, dense, h_start = [], [], 0
+        for lora, rows, a, b in self.terms:
+            r = a.shape[0] if b is not None else 0
+            start, stop = rows.start or 0, rows.stop if rows.stop is not None else self.out_features
+            for block in range(start // width, (stop - 1) // width + 1):
+                lo, hi = max(start, block * width), min(stop, (block + 1) * width)
+                cols = slice(lo - block * width, hi - block * width)
+                if b is not None:
+                    low.append((lora, block, cols, slice(h_start, h_start + r), b[lo - start:hi - start].T))
+                else:
+                    dense.append((lora, block, cols, slice(0, 0), a[lo - start:hi - start].T))
+            h_start += r
+        return downs, low, dense
 
 
 class AppliedLoras:
