@@ -1,10 +1,11 @@
 """Flow-matching sampling. The one place the time and velocity convention is written down.
 
-Convention (ZIMAGE_SPEC §5, §7.1; the training loss uses `model_velocity` too):
+Convention (ZIMAGE_SPEC §5, §7.1; the training loss uses `model_velocity`, `noised` and `velocity_target` too):
     σ = 1 is pure noise, σ = 0 is data:            x_σ = (1 − σ)·x0 + σ·ε
     the DiT is called with model time t = 1 − σ and returns v ≈ x0 − ε
     the flow velocity is dx/dσ = ε − x0 = −v:      Euler step x_{σ'} = x_σ + (σ' − σ)·(−v)
     the clean estimate is x0 ≈ x_σ + σ·v; the training target for v is x0 − ε.
+Training builds x_σ with `noised(x0, ε, σ)` and the target with `velocity_target(x0, ε)`.
 
 Guidance g is diffusers' `guidance_scale`: pred = pos + g·(pos − neg). g = 0 means one conditional
 forward per step and no negative prompt. ComfyUI's `cfg` is g + 1 (cfg 1 = no guidance).
@@ -84,6 +85,17 @@ def make_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
 def model_velocity(dit: Callable, x: torch.Tensor, sigma: torch.Tensor, cap_feats: Captions) -> torch.Tensor:
     """dx/dσ = −v at noise level σ (B,), in x's dtype: the only place σ becomes model time."""
     return -dit(x, 1 - sigma, cap_feats)
+
+
+def noised(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x_σ = (1 − σ)·x0 + σ·ε, σ (B,) broadcast over each item, in x0's dtype."""
+    s = sigma.to(device=x0.device, dtype=x0.dtype).reshape(-1, *[1] * (x0.ndim - 1))
+    return (1 - s) * x0 + s * noise.to(x0.dtype)
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """What the raw DiT output v should be for the pair (x0, ε): x0 − ε (the negated flow velocity)."""
+    return x0 - noise.to(x0.dtype)
 
 
 def guided_velocity(dit: Callable, x: torch.Tensor, sigma: float, cond: Captions, neg: Captions | None,
