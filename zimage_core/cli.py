@@ -1,8 +1,9 @@
 """Command line: `python -m zimage_core COMMAND …`; each command wraps one core function.
 
 Commands: `inspect PATH` (print the JSON report of `inspect.inspect`); `generate` (text to PNG, see
-`cli_generate.py`); `lora inspect|convert|merge` (the LoRA hub, see `cli_lora.py`). Later: train — add an
-`add_<command>(commands)` that registers a subparser with `set_defaults(run=…)`.
+`cli_generate.py`); `lora inspect|convert|merge` (the LoRA hub, see `cli_lora.py`); `train CONFIG.toml` (headless
+LoRA training, see `cli_train.py`). A new command: an `add_<command>(commands)` that registers a subparser with
+`set_defaults(run=…)`.
 
 Exit status: 0 on success; 2 on bad input — one line on stderr naming the file and the problem, no
 traceback — as for bad arguments (argparse's convention); anything else is a bug and keeps its traceback.
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 
 from .cli_generate import add_generate
 from .cli_lora import add_lora
+from .cli_train import add_train
 from .inspection import inspect
 
 # Bad input as the core reports it: ValueError (JSON and Unicode errors are ValueErrors too) and OSError
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(commands)
     add_generate(commands)
     add_lora(commands)
+    add_train(commands)
     return parser
 
 
