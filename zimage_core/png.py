@@ -5,15 +5,15 @@ Files are written to a temporary name in the target folder and renamed, so a fai
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .safetensors_file import replaced_atomically
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -63,14 +63,8 @@ def save_png(path: str | Path, image: torch.Tensor, text: Mapping[str, str] | No
     """Write one (3, H, W) [0, 1] image atomically: a temporary file in the same folder, then a rename."""
     path = Path(path)
     data = encode_png(to_uint8(image), text)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replaced_atomically(path) as tmp:
+        tmp.write_bytes(data)
     return path
 
 

@@ -14,8 +14,10 @@ import mmap
 import os
 import struct
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -185,3 +187,27 @@ def map_tensor(mapping: mmap.mmap, info: TensorInfo) -> torch.Tensor | None:
 
 def read_tensor(f: BinaryIO, info: TensorInfo) -> torch.Tensor:
     return read_into(f, info, torch.empty(info.shape, dtype=info.dtype))
+
+
+@contextmanager
+def replaced_atomically(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file beside `path` to write; renamed onto `path` when the block succeeds, removed when it
+    fails, so a failed save leaves no partial file and the old file, if any, untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def save_atomic(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                metadata: Mapping[str, str] | None = None) -> Path:
+    """`safetensors.torch.save_file` through `replaced_atomically`."""
+    from safetensors.torch import save_file
+
+    with replaced_atomically(path) as tmp:
+        save_file(dict(tensors), tmp, metadata=None if metadata is None else dict(metadata))
+    return Path(path)

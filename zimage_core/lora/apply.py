@@ -239,9 +239,7 @@ def _runtime_delta(dit: ZImageDiT, module: Linear, group: list[_Placed], strengt
 def merged_float32(dit: ZImageDiT, name: str, group: Sequence[_Placed], strengths: Sequence[float]) -> torch.Tensor:
     """The MERGED rule for one parameter: W + Σ strength·ΔW in float32, from the base parameter (fp8: dequantised
     with its scale). With no patches it may return the parameter itself, which must then only be read."""
-    param = dit.get_parameter(name)
-    module = dit.get_submodule(name.rpartition(".")[0])
-    scale = getattr(module, "scale_weight", None) if name.endswith(".weight") else None
+    param, scale = dit.get_parameter(name), _fp8_scale(dit, name)
     base = param.float() if scale is None else param.float() * scale.float()
     if not group:
         return base
@@ -253,10 +251,15 @@ def merged_float32(dit: ZImageDiT, name: str, group: Sequence[_Placed], strength
 
 def _merged(name: str, group: list[_Placed], strengths: list[float], dit: ZImageDiT) -> torch.Tensor:
     """The parameter with the group's ΔW added at their strengths, in its own dtype (fp8: with its own scale)."""
-    new = merged_float32(dit, name, group, strengths)
-    scale = getattr(dit.get_submodule(name.rpartition(".")[0]), "scale_weight", None) if name.endswith(".weight") \
-        else None
+    new, scale = merged_float32(dit, name, group, strengths), _fp8_scale(dit, name)
     return (new if scale is None else new / scale.float()).to(dit.get_parameter(name).dtype)
+
+
+def _fp8_scale(dit: ZImageDiT, name: str) -> torch.Tensor | None:
+    """The `scale_weight` of an fp8 Linear weight parameter `name`, else None."""
+    if not name.endswith(".weight"):
+        return None
+    return getattr(dit.get_submodule(name.rpartition(".")[0]), "scale_weight", None)
 
 
 def _get_attr(root: nn.Module, path: str) -> object:

@@ -28,7 +28,6 @@ Rank and alpha are kept where the format stores them (comfy, musubi). The source
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from enum import Enum
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 
 from ..keymaps import DiTLayout, Target, from_canonical
+from ..safetensors_file import save_atomic
 from .adapters import Adapter, AdapterKind
 from .read import LoraFile, LoraPatch
 
@@ -116,21 +116,12 @@ def convert_lora(lora: LoraFile, to: TargetFormat | str, *, lokr_rank: int | Non
 def save_lora(converted: ConvertedLora, path: str | os.PathLike) -> None:
     """Write `converted` as safetensors at `path`, atomically (a temporary file in the same folder, then
     os.replace): a failed save leaves no partial file and the old file, if any, untouched."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: LoRAs are saved as .safetensors only")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(converted.state_dict, tmp, metadata=converted.metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_atomic(path, converted.state_dict, converted.metadata)
 
 
 # ------------------------------------------------------------------------------------------------- per module

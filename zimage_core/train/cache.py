@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
+
+from ..safetensors_file import save_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +98,4 @@ class TensorCache:
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"tensor": tensor.detach().cpu().contiguous()}, tmp, metadata={"key": key, "format": FORMAT})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_atomic(path, {"tensor": tensor.detach().cpu().contiguous()}, {"key": key, "format": FORMAT})

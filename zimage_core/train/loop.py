@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,10 +27,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ..lora import ApplyMode, LoraFile, apply_loras, read_lora
+from ..safetensors_file import save_atomic
 from ..sampling import velocity_target
 from .config import BaseMode, LRSchedule, OptimizerKind, TrainConfig
 from .data import BucketBatches, TrainItem, collate
@@ -227,7 +227,7 @@ class _Run:
         cfg, stem = self.config, f"{self.config.name}_{self.step:06d}"
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.lora.save(cfg.output_dir / f"{stem}.safetensors", self.lora_metadata())
-        write_atomic(cfg.output_dir / f"{stem}.state.safetensors", *self.state_tensors())
+        save_atomic(cfg.output_dir / f"{stem}.state.safetensors", *self.state_tensors())
         self.last_checkpoint = Path(path)
         prune_checkpoints(cfg.output_dir, cfg.name, cfg.keep_last)
         return self.last_checkpoint
@@ -337,16 +337,6 @@ def read_state(path: Path, config: TrainConfig) -> _State:
         shown = ", ".join(f"{k} ({theirs.get(k)!r} → {ours.get(k)!r})" for k in diff)
         raise ValueError(f"{path} was written by a different training config; differing: {shown or 'unknown'}")
     return _State(path, meta)
-
-
-def write_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def prune_checkpoints(folder: Path, name: str, keep_last: int) -> list[Path]:
