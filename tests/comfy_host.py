@@ -12,6 +12,7 @@ import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -28,6 +29,7 @@ HOST_DIR = Path(os.environ.get("ZIMAGE_COMFY_HOST", HOST_ROOT / "ComfyUI")).reso
 EXTRA_PATHS = HOST_ROOT / "extra_paths.yaml"  # lists HOST_ROOT/custom_nodes as a custom_nodes folder
 PACK_PATH = HOST_ROOT / "custom_nodes" / "comfyui_zimage"  # symlink to REPO; ComfyUI logs this path
 BASE_DIR = HOST_ROOT / "base"  # --base-directory: models, input, output, user
+TEXT_EVENT = 3  # the websocket's binary BinaryEventTypes.TEXT frames (PromptServer.send_progress_text)
 EXPECTED_BUILTIN_FAILURES = {"nodes_audio.py", "nodes_audio_encoder.py"}  # need torchaudio
 
 
@@ -209,11 +211,12 @@ class Server:
 
 class Watcher:
     """The server's websocket messages for one client id (progress, executing, …), collected on a thread:
-    `with server.watch("id") as w: ...; w.messages` (each message as (monotonic time, decoded JSON))."""
+    `with server.watch("id") as w: ...; w.messages` (each message as (monotonic time, decoded JSON)), `w.texts`."""
 
     def __init__(self, url: str, client_id: str):
         self.url = url.replace("http://", "ws://") + f"/ws?clientId={client_id}"
         self.messages: list[tuple[float, dict]] = []
+        self.texts: list[tuple[str, str]] = []  # progress texts (PromptServer.send_progress_text): (node id, text)
         self._connected = threading.Event()
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -232,6 +235,9 @@ class Watcher:
                     continue
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     self.messages.append((time.monotonic(), json.loads(msg.data)))
+                elif msg.type == aiohttp.WSMsgType.BINARY and struct.unpack(">I", msg.data[:4])[0] == TEXT_EVENT:
+                    (n,) = struct.unpack(">I", msg.data[4:8])  # event, node id length, node id, text
+                    self.texts.append((msg.data[8:8 + n].decode(), msg.data[8 + n:].decode()))
                 elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
                     break
 

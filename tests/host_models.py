@@ -10,17 +10,21 @@
 `write_input_image(base_dir)` puts the img2img workflow's example.png into the host's input folder.
 `write_detectable_dit(path)` writes a DiT that ComfyUI's own model detection takes as Z-Image (dim 3840), for
 parity with ComfyUI's native UNETLoader; `write_text_encoder(path)` the tiny Qwen3 of `write_models` alone.
+`serving(root)` does both under a fresh folder and runs a host on them: `with serving(root) as (server, models)`.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
+import comfy_host
 import te_fixtures as tf
 import vae_fixtures as vf
 from lora_fixtures import Fmt, WrittenLora, canonical_shapes, write_flux_kohya, write_lora
@@ -73,6 +77,19 @@ def bundled_tokenizer() -> Path:
     import comfy_host
 
     return comfy_host.HOST_DIR / "comfy" / "text_encoders" / "qwen25_tokenizer"
+
+
+@contextmanager
+def serving(root: Path) -> Iterator[tuple[comfy_host.Server, dict[str, Path]]]:
+    """A headless host whose models folder (root/models) and input image (root/base) are the test models."""
+    models = write_models(root / "models")
+    write_input_image(root / "base")
+    extra = comfy_host.write_extra_paths(root / "extra_paths.yaml", root / "models")
+    server = comfy_host.Server(root / "base", extra, root / "server.log").start()
+    try:
+        yield server, models
+    finally:
+        server.stop()
 
 
 def write_input_image(base_dir: Path, size: tuple[int, int] = (64, 64)) -> Path:

@@ -33,8 +33,7 @@ from pathlib import Path
 
 import pytest
 
-import comfy_host
-from host_models import write_input_image, write_models
+from host_models import serving
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / "workflows"
@@ -83,15 +82,8 @@ def browser_deps():
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory, browser_deps):
-    root = tmp_path_factory.mktemp("browser_host")
-    write_models(root / "models")
-    write_input_image(root / "base")
-    extra = comfy_host.write_extra_paths(root / "extra_paths.yaml", root / "models")
-    server = comfy_host.Server(root / "base", extra, root / "server.log").start()
-    try:
+    with serving(tmp_path_factory.mktemp("browser_host")) as (server, _):
         yield server
-    finally:
-        server.stop()
 
 
 def drive(server, workflow: Path, *extra: str, timeout: float = 150) -> dict:

@@ -8,6 +8,7 @@ or model file) exits 2 with one line naming the file and the problem, before any
 Breaks on: the tables leaking into TrainConfig (or unknown keys accepted), a SIGINT that kills without saving.
 """
 
+import json
 import signal
 from pathlib import Path
 
@@ -83,6 +84,40 @@ def test_train_writes_a_lora_and_its_state(run_dir, models, capsys):
     lora = read_lora(lora_path)
     assert lora.patches and not lora.unmatched
     assert any((run_dir / "cache").iterdir())  # [data] cache_dir, relative to the TOML
+
+
+def test_previews_dop_ema_loss_curve_and_eta(run_dir, models, capsys):
+    """[previews] writes decoded PNGs after steps 2 and 3 (every 2 + the end), one per prompt; DOP/EMA are
+    top-level TrainConfig keys; the loss curve is written at the end; step lines carry an ETA."""
+    toml = write_toml(run_dir, models, top='ema_decay = 0.5\ndop_class = "dog"\ndop_multiplier = 0.5',
+                      data_extra='\n[previews]\nprompts = ["a [trigger] portrait", "a red car"]\nevery = 2\n'
+                                 'width = 32\nheight = 48\nseed = 3\nsample_steps = 1')
+    rc = cli.main(["train", str(toml), "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    steps = [line for line in captured.out.splitlines() if line.startswith("step ")]
+    assert len(steps) == 3 and all(", eta " in line for line in steps) and steps[-1].endswith("eta 0s)")
+    folder = run_dir / "out" / "previews"
+    assert sorted(p.name for p in folder.iterdir()) == [f"zxq_{s:06d}_{i}.png" for s in (2, 3) for i in (0, 1)]
+    with Image.open(folder / "zxq_000003_1.png") as im:
+        assert im.size == (32, 48)
+    with Image.open(run_dir / "out" / "zxq_loss.png") as im:
+        assert im.size == (768, 384)
+    assert f"loss curve: {run_dir / 'out' / 'zxq_loss.png'}" in captured.out
+    saved = json.loads(read_lora(run_dir / "out" / "zxq_000003.safetensors").metadata["zimage_train.config"])
+    assert (saved["dop_class"], saved["dop_multiplier"], saved["ema_decay"]) == ("dog", 0.5, 0.5)
+
+
+def test_bad_previews_table_exits_2_before_a_model_loads(run_dir, models, capsys, monkeypatch):
+    monkeypatch.setattr("zimage_core.text_encoder.load_text_encoder", lambda *a, **k: 1 / 0)
+    for extra, message in (("prompts = []\nevery = 2", "[previews] prompts must be a non-empty list"),
+                           ('prompts = ["a"]\nevery = 2\nwidth = 40', "[previews] width must be a multiple of 16"),
+                           ('prompts = ["a"]', "[previews] needs every"),
+                           ('prompts = ["a"]\nevery = 1\nsteps = 3', "unknown option(s) in [previews]: steps")):
+        toml = write_toml(run_dir, models, data_extra=f"\n[previews]\n{extra}")
+        assert cli.main(["train", str(toml)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
 
 
 def test_sigint_stops_after_the_step_and_saves(run_dir, models, capsys, monkeypatch):

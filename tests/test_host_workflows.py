@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 import comfy_host
-from host_models import FOREIGN_LORA, bundled_tokenizer, write_input_image, write_models, write_workflow_loras
+from host_models import FOREIGN_LORA, bundled_tokenizer, serving, write_workflow_loras
 from zimage_core import (
     PRESETS,
     ImageSize,
@@ -47,7 +47,7 @@ from zimage_fixtures import comfy_state_dict, diffusers_dit
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 OUR_NODES = {"ZImageDiTLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "ZImageTextEncode", "ZImageSampler",
              "ZImageVAEDecode", "ZImageVAEEncode", "ZImageDiTToModel", "ZImageLoraLoader", "ZImageLoraInspect",
-             "ZImageLoraConvert", "ZImageSaveMergedDiT"}
+             "ZImageLoraConvert", "ZImageSaveMergedDiT", "ZImageTrainLora"}
 IMAGE_OUTPUTS = {"SaveImage", "PreviewImage"}
 TEXT_OUTPUTS = {"PreviewAny", "ZImageLoraInspect", "ZImageLoraConvert", "ZImageSaveMergedDiT"}  # {"ui": {"text": …}}
 SIZE, SEED, STEPS = ImageSize(64, 64), 42, 8
@@ -55,15 +55,8 @@ SIZE, SEED, STEPS = ImageSize(64, 64), 42, 8
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
-    root = tmp_path_factory.mktemp("host")
-    models = write_models(root / "models")
-    write_input_image(root / "base")
-    extra = comfy_host.write_extra_paths(root / "extra_paths.yaml", root / "models")
-    server = comfy_host.Server(root / "base", extra, root / "server.log").start()
-    try:
+    with serving(tmp_path_factory.mktemp("host")) as (server, models):
         yield server, models
-    finally:
-        server.stop()
     assert server.proc.returncode is not None
 
 
@@ -250,9 +243,9 @@ def test_interrupt_stops_sampling_within_one_step_and_server_recovers(host):
 
 
 def shrunk(prompt: dict, side: int = SIZE.width) -> dict:
-    """A workflow at test size: every EmptySD3LatentImage and ImageScale set to side × side."""
+    """A workflow at test size: every EmptySD3LatentImage, ImageScale and trainer preview set to side × side."""
     for node in prompt.values():
-        if node["class_type"] in ("EmptySD3LatentImage", "ImageScale"):
+        if node["class_type"] in ("EmptySD3LatentImage", "ImageScale", "ZImageTrainLora"):
             node["inputs"].update(width=side, height=side)
     return prompt
 

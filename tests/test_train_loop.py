@@ -14,7 +14,6 @@ sampler state that is not saved or restored, checks that run only after training
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 
@@ -23,13 +22,12 @@ import torch
 from safetensors.torch import save_file
 
 from lora_fixtures import Fmt, write_flux_kohya, write_lora
+from train_fixtures import eval_loss, make_items, state_hash
 from zimage_core import load_dit
 from zimage_core.lora import ApplyMode, apply_loras, read_lora
 from zimage_core.train.config import BaseMode, LRSchedule, OptimizerKind, TrainConfig
-from zimage_core.train.data import TrainItem
 from zimage_core.train.loop import lr_at, read_state, train_lora
 from zimage_core.train.lora_net import TrainTargets
-from zimage_core.train.loss import flow_matching_loss
 from zimage_core.train.timesteps import TimestepSampling
 from zimage_fixtures import comfy_state_dict, diffusers_dit
 
@@ -44,33 +42,6 @@ def dit_path(tmp_path_factory) -> Path:
 @pytest.fixture()
 def dit(dit_path):
     return load_dit(dit_path, "cpu", torch.float32)
-
-
-def make_items(n: int = 2) -> list[TrainItem]:
-    g = torch.Generator().manual_seed(42)
-    return [TrainItem(torch.randn(16, 4, 4, generator=g), torch.randn(6 + i, 64, generator=g), f"caption {i}",
-                      (32, 32), f"item{i}") for i in range(n)]
-
-
-def state_hash(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def eval_loss(dit, items, lora=None) -> float:
-    """Loss on every item at σ ∈ {0.2, 0.4, 0.6, 0.8} with one fixed noise draw."""
-    sigmas = torch.tensor([0.2, 0.4, 0.6, 0.8])
-    x0 = torch.stack([it.latent for it in items for _ in sigmas])
-    caps = [it.caption_features for it in items for _ in sigmas]
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(123))
-    with torch.no_grad():
-        if lora is None:
-            return flow_matching_loss(dit, x0, noise, sigmas.repeat(len(items)), caps).item()
-        with lora.attached():
-            return flow_matching_loss(dit, x0, noise, sigmas.repeat(len(items)), caps).item()
 
 
 def config(tmp_path: Path, **kw) -> TrainConfig:

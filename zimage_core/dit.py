@@ -11,6 +11,10 @@ Call convention (the whole pack relies on it; the sampler's convention docstring
   differ), or a (B, L, cap_feat_dim) tensor when every item has L valid tokens.
 - v: (B, 16, H, W), the raw output, v ≈ x0 − ε (it points from noise to data). A flow-matching
   Euler step is x_{σ'} = x_σ + (σ' − σ)·(−v).
+
+Training: `dit.gradient_checkpointing = True` runs every transformer block (refiners and main layers) under
+`torch.utils.checkpoint` while grad is enabled: a block keeps only its input for backward and recomputes the
+rest, so activation memory is one block's plus an (B, L, D) tensor per block. Inference (no grad) is unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import DiTConfig
 from .math import apply_rope, attention, clamp_fp16, inplace_ok, rms_norm, rope_lookup, rope_tables, timestep_embedding
@@ -186,6 +191,7 @@ class ZImageDiT(nn.Module):
         self.context_refiner = nn.ModuleList(TransformerBlock(cfg, False) for _ in range(cfg.n_refiner_layers))
         self.layers = nn.ModuleList(TransformerBlock(cfg, True) for _ in range(cfg.n_layers))
         self.final_layer = FinalLayer(cfg)
+        self.gradient_checkpointing = False  # a run-time switch (see the module docstring), not a checkpoint key
         self._rope: dict[torch.device, list[torch.Tensor]] = {}
 
     @property
@@ -212,20 +218,27 @@ class ZImageDiT(nn.Module):
         cap_freqs, img_freqs = self._positions(cap_padded, H // 2, W // 2, img.shape[1], x.device)
 
         for block in self.noise_refiner:
-            img = block(img, img_freqs, None, c)
+            img = self._block(block, img, img_freqs, None, c)
         for block in self.context_refiner:
-            cap = block(cap, cap_freqs, cap_mask)
+            cap = self._block(block, cap, cap_freqs, cap_mask)
         # Joint stream [image, caption] as in the official code; batch padding sits at the end.
         h = torch.cat([img, cap], dim=1)
         freqs = torch.cat([img_freqs, cap_freqs], dim=1)
         mask = None if cap_mask is None else F.pad(cap_mask, (img.shape[1], 0), value=True)
         for block in self.layers:
-            h = block(h, freqs, mask, c)
+            h = self._block(block, h, freqs, mask, c)
 
         n_img = (H // 2) * (W // 2)
         out = self.final_layer(h[:, :n_img], c)  # (B, n_img, 4·C), token features in (pH, pW, C) order
         out = out.view(B, H // 2, W // 2, 2, 2, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
         return out.to(x.dtype)
+
+    def _block(self, block: TransformerBlock, *args) -> torch.Tensor:
+        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+            return block(*args)
+        # The block itself is checkpointed, so its module hooks (block swap, offload.py) run again in the
+        # recomputation. The blocks draw no random numbers: no RNG state is stashed.
+        return checkpoint(block, *args, use_reentrant=False, preserve_rng_state=False)
 
     def _embed_image(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape

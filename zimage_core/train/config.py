@@ -41,7 +41,7 @@ class OptimizerKind(str, Enum):
 
 # Options that do not change the optimisation path up to a given step: a resume may change them.
 # `steps` is one of them only with a constant schedule (cosine/linear decay depends on the total).
-_RESUMABLE_CHANGES = ("save_every", "keep_last", "output_dir", "name")
+_RESUMABLE_CHANGES = ("save_every", "keep_last", "output_dir", "name", "gradient_checkpointing", "blocks_to_swap")
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,11 @@ class TrainConfig:
     output_dir: Path = field(default_factory=lambda: Path("output"))
     name: str = "zimage_lora"
     trigger: str = ""
+    ema_decay: float = 0.0  # 0 = off; else the saved LoRA is an EMA of the weights with this decay (ema.py)
+    dop_class: str = ""  # "" = off; else DOP: the trigger word replaced by this class word (ZIMAGE_SPEC §7.4)
+    dop_multiplier: float = 1.0  # weight of the DOP term
+    gradient_checkpointing: bool = False  # recompute each block in the backward: less activation memory (dit.py)
+    blocks_to_swap: int = 0  # the last N main layers rest on the CPU (offload.py); needs gradient_checkpointing
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -136,7 +141,10 @@ def _coerce(cfg: TrainConfig, f: dataclasses.Field) -> None:
             raise ValueError(f"TrainConfig: {f.name} must be one of {choices}, got {v!r}") from None
     elif f.name in ("adapter_path", "output_dir") and isinstance(v, str):
         v = Path(v)
-    elif isinstance(default, bool) or (isinstance(default, int) and isinstance(v, bool)):
+    elif isinstance(default, bool):
+        if not isinstance(v, bool):
+            raise ValueError(f"TrainConfig: {f.name} must be true or false, got {v!r}")
+    elif isinstance(default, int) and isinstance(v, bool):
         raise ValueError(f"TrainConfig: {f.name} must be a number, got {v!r}")
     elif isinstance(default, float) and isinstance(v, int):
         v = float(v)
@@ -182,3 +190,15 @@ def _problems(c: TrainConfig):
         yield f"adapter_path is only used with base_mode TURBO_ADAPTER, not {c.base_mode.name}"
     if not c.name or any(ch in c.name for ch in "/\\:") or c.name.startswith("."):
         yield f"name must be a plain file-name stem, got {c.name!r}"
+    yield integer("blocks_to_swap", 0)
+    if isinstance(c.blocks_to_swap, int) and c.blocks_to_swap > 0 and not c.gradient_checkpointing:
+        yield (f"blocks_to_swap {c.blocks_to_swap} needs gradient_checkpointing = true (without it autograd keeps "
+               "every swapped block's weights on the device until the backward, so the swap saves nothing)")
+    yield finite("ema_decay", 0.0)
+    if isinstance(c.ema_decay, float) and c.ema_decay >= 1.0:
+        yield f"ema_decay must be 0 (off) or in (0, 1), got {c.ema_decay}"
+    yield finite("dop_multiplier", 0.0, lo_open=True)
+    if not isinstance(c.dop_class, str) or not isinstance(c.trigger, str):
+        yield f"dop_class and trigger must be strings, got {c.dop_class!r} and {c.trigger!r}"
+    elif c.dop_class and not c.trigger:
+        yield f"dop_class {c.dop_class!r} needs trigger (the word DOP replaces with the class word)"

@@ -13,6 +13,8 @@
   what `FluxVAE.encode` returns and the sampler denoises; tensors are returned on the CPU.
   With `cache_dir`, both latents and caption features are cached by content (see `cache.py`).
 - `BucketBatches`: every batch comes from one bucket; the order is a pure function of (seed, epoch).
+- DOP (`dop_class`, ZIMAGE_SPEC §7.4): each item also gets the features of its caption with the trigger
+  word replaced by the class word (`class_caption`), encoded and cached like any caption.
 """
 
 from __future__ import annotations
@@ -47,13 +49,15 @@ class ImageCaption:
 
 @dataclass(frozen=True, eq=False)
 class TrainItem:
-    """latent (16, H/8, W/8) float32, model space; caption_features (L, hidden); bucket (W, H) in pixels."""
+    """latent (16, H/8, W/8) float32, model space; caption_features (L, hidden); bucket (W, H) in pixels.
+    preservation_features (L', hidden): the class caption's (DOP only, see `class_caption`)."""
 
     latent: torch.Tensor
     caption_features: torch.Tensor
     caption: str
     bucket: tuple[int, int]
     key: str
+    preservation_features: torch.Tensor | None = None
 
 
 def _pil():
@@ -100,6 +104,15 @@ def apply_trigger(caption: str, trigger: str | None, where: object = "caption") 
     if not trigger:
         raise ValueError(f"{where}: the caption uses {TRIGGER} but no trigger word was given")
     return caption.replace(TRIGGER, trigger)
+
+
+def class_caption(caption: str, trigger: str | None, dop_class: str, where: object = "caption") -> str:
+    """DOP's class prompt: every occurrence of the trigger word replaced by the class word (AI Toolkit's rule)."""
+    if not trigger:
+        raise ValueError(f"{where}: DOP (class word {dop_class!r}) needs a non-empty trigger word to replace")
+    if trigger not in caption:
+        raise ValueError(f"{where}: DOP needs the trigger word {trigger!r} in every caption; {caption!r} has none")
+    return caption.replace(trigger, dop_class)
 
 
 def check_image(path: Path) -> tuple[int, int]:
@@ -202,18 +215,24 @@ class _Encoder:
 
 
 def build_items(examples: Sequence[ImageCaption], vae, text_encoder, resolutions: Sequence[int] = (512, 768, 1024),
-                cache_dir: str | Path | None = None, on_progress: Progress | None = None) -> list[TrainItem]:
-    """One TrainItem per (example, resolution), in example order then resolution order."""
+                cache_dir: str | Path | None = None, on_progress: Progress | None = None, dop_class: str = "",
+                trigger: str | None = None) -> list[TrainItem]:
+    """One TrainItem per (example, resolution), in example order then resolution order. With `dop_class`, each
+    caption must contain `trigger`; the items get the class caption's features (`preservation_features`)."""
     enc = _Encoder(vae, text_encoder, None if cache_dir is None else Path(cache_dir))
     items, total = [], len(examples) * len(resolutions)
-    for ex in examples:
+    classes = [class_caption(ex.caption, trigger, dop_class, ex.path) if dop_class else None
+               for ex in examples]  # every caption checked before anything is encoded
+    for ex, class_text in zip(examples, classes, strict=True):
         digest = hashlib.sha256(ex.path.read_bytes()).hexdigest()
         width, height = _image_size(ex.path)
         features = enc.caption(ex.caption)
+        kept = None if class_text is None else enc.caption(class_text)
         for res in resolutions:
             bucket = bucket_size(width, height, res)
             latent = enc.latent(digest, bucket, lambda b=bucket, p=ex.path: load_pixels(p, b))
-            items.append(TrainItem(latent, features, ex.caption, bucket, f"{ex.path.name}@{bucket[0]}x{bucket[1]}"))
+            items.append(TrainItem(latent, features, ex.caption, bucket, f"{ex.path.name}@{bucket[0]}x{bucket[1]}",
+                                   kept))
             if on_progress is not None:
                 on_progress(len(items), total)
     return items
@@ -221,7 +240,8 @@ def build_items(examples: Sequence[ImageCaption], vae, text_encoder, resolutions
 
 def images_from_tensor(images: torch.Tensor, captions: Sequence[str], vae, text_encoder,
                        resolutions: Sequence[int] = (512, 768, 1024), trigger: str | None = None,
-                       cache_dir: str | Path | None = None, on_progress: Progress | None = None) -> list[TrainItem]:
+                       cache_dir: str | Path | None = None, on_progress: Progress | None = None,
+                       dop_class: str = "") -> list[TrainItem]:
     """The in-graph path: an IMAGE batch (B, H, W, 3) in [0, 1] and one caption per image (or one for all).
 
     Pixels are quantised to 8 bits and go through the same resize/crop as files, so a saved PNG of the
@@ -243,10 +263,11 @@ def images_from_tensor(images: torch.Tensor, captions: Sequence[str], vae, text_
         caption = apply_trigger(caption.strip(), trigger, where=f"caption of image {i}")
         digest = hashlib.sha256(f"{rgb.shape}".encode() + rgb.tobytes()).hexdigest()
         features, pil = enc.caption(caption), Image.fromarray(rgb)
+        kept = enc.caption(class_caption(caption, trigger, dop_class, f"caption of image {i}")) if dop_class else None
         for res in resolutions:
             bucket = bucket_size(pil.width, pil.height, res)
             latent = enc.latent(digest, bucket, lambda b=bucket, im=pil: _fit(im, b))
-            items.append(TrainItem(latent, features, caption, bucket, f"image{i}@{bucket[0]}x{bucket[1]}"))
+            items.append(TrainItem(latent, features, caption, bucket, f"image{i}@{bucket[0]}x{bucket[1]}", kept))
             if on_progress is not None:
                 on_progress(len(items), total)
     return items
