@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -64,6 +65,35 @@ def read_status() -> dict[str, int]:
             if key in STATUS_FIELDS:
                 out[key] = int(value.split()[0]) * 1024
     return out
+
+
+class PeakStatus(threading.Thread):
+    """The peaks of some read_status() fields, sampled every 20 ms while running (a context manager, or start/stop).
+
+    VmHWM counts mapped file pages too; sampling RssAnon beside RssFile tells them apart."""
+
+    def __init__(self, fields: Sequence[str]) -> None:
+        super().__init__(daemon=True)
+        self.peak = dict.fromkeys(fields, 0)
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.02):
+            st = read_status()
+            for k in self.peak:
+                self.peak[k] = max(self.peak[k], st[k])
+
+    def stop(self) -> dict[str, int]:
+        self.done.set()
+        self.join()
+        return self.peak
+
+    def __enter__(self) -> PeakStatus:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def disk_read_kib() -> int:

@@ -16,14 +16,13 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _common import OUT_DIR, add_repo_paths, disk_read_kib, import_comfy, read_status, table, write_json
+from _common import OUT_DIR, PeakStatus, add_repo_paths, disk_read_kib, import_comfy, read_status, table, write_json
 from synth_ckpt import (
     CHECK_KEYS,
     COMFY_FILE,
@@ -119,26 +118,6 @@ LOADERS = (
 
 # ---------------------------------------------------------------------------------------------- child
 
-class RssSampler(threading.Thread):
-    """Samples RssAnon / RssFile every 20 ms: VmHWM counts mapped file pages too, this tells them apart."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self.peak = {"RssAnon": 0, "RssFile": 0}
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(0.02):
-            st = read_status()
-            for k in self.peak:
-                self.peak[k] = max(self.peak[k], st[k])
-
-    def stop(self) -> dict[str, int]:
-        self.done.set()
-        self.join()
-        return self.peak
-
-
 def checksums(tensors: Tensors, fp8: bool) -> dict:
     """Per CHECK_KEYS: exact bf16 bit sum (not for fp8 weights) and sum |W|; the bit sum of everything."""
     out: dict = {}
@@ -176,7 +155,7 @@ def child_main(name: str, root: Path) -> None:
     loader = next(x for x in LOADERS if x.name == name)
     load, tensors_of = loader.prepare(root)
     res: dict = {"rss_before_load": read_status()["VmRSS"]}
-    sampler = RssSampler()
+    sampler = PeakStatus(["RssAnon", "RssFile"])
     sampler.start()
     t0, kib0 = time.perf_counter(), disk_read_kib()
     model = load()
