@@ -162,8 +162,7 @@ def test_ui_workflow_drops_runs_and_shows_its_image(host, workflow):
         for o in r.get("node_images") or []:
             check((o["width"], o["height"]) == (SIZE, SIZE), f"image in node {o['node']}: {o}")
             check((server.base_dir / "output" / o["filename"]).is_file(), f"{o['filename']} not in output/")
-        check(r.get("filename") and r["filename"] in (r.get("panel_image") or {}).get("src", ""),
-              f"Queue panel image {r.get('panel_image')}")
+        check(r.get("filename") in [f for _, f in saved], f"Queue panel image {r.get('panel_image')}")
     check(len(r["screenshots"]) == 2 and all(Path(p).is_file() for p in r["screenshots"]),
           f"screenshots {r['screenshots']}")
     check(page_errors(r) == [], "page errors:\n  " + "\n  ".join(page_errors(r)))

@@ -241,14 +241,17 @@ async function drive(page) {
       .then((h) => h.jsonValue())
     result.node_images.push(shown)
   }
-  result.filename = result.ui_outputs[0]?.filename
-  if (!result.filename) throw new Error('the run gave no image output')
-  // The same image in the Queue side panel, as a DOM <img> (the canvas draws node images, the panel shows tags).
+  if (!result.ui_outputs.length) throw new Error('the run gave no image output')
+  // One of them in the Queue side panel, as a DOM <img> (the canvas draws node images, the panel shows tags). With
+  // several output nodes the panel's cover is one of the run's images; which one follows the execution order of
+  // independent output nodes, which ComfyUI does not fix.
   await page.locator('.queue-tab-button').click()
-  const panelImage = page.locator(`img[src*="/view?"][src*="${encodeURIComponent(result.filename)}"]`).first()
+  const panelImage = page.locator(result.ui_outputs
+    .map((o) => `img[src*="/view?"][src*="${encodeURIComponent(o.filename)}"]`).join(', ')).first()
   await panelImage.waitFor({ state: 'visible', timeout: 20000 })
   await page.waitForFunction((img) => img.complete && img.naturalWidth > 0, await panelImage.elementHandle())
   result.panel_image = await panelImage.evaluate((img) => ({ src: img.src, width: img.naturalWidth }))
+  result.filename = new URL(result.panel_image.src).searchParams.get('filename')
   result.after_run = { dialogs: await visibleProblems(page), nodes: await nodeProblems(page) }
   await page.evaluate(() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView'))
   await page.waitForTimeout(300)
