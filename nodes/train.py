@@ -35,7 +35,7 @@ from torch import nn
 
 from ..zimage_core import ImageSize
 from ..zimage_core.train import BaseMode, TimestepSampling, TrainConfig, build_items, images_from_tensor, read_folder
-from ..zimage_core.train.data import apply_trigger
+from ..zimage_core.train.data import apply_trigger, default_preview_prompts
 from ..zimage_core.train.inputs import (
     caption_lines,
     inside,
@@ -107,7 +107,8 @@ class ZImageTrainLora:
                 "A plain name: written to models/loras/<name>_00001_/<name>_<step>.safetensors, the counter going "
                 "up per run (never overwrites). Press R to see it in the LoRA lists.")}),
             "preview_prompts": ("STRING", {"multiline": True, "default": "", "tooltip": (
-                "One prompt per line ([trigger] works); empty = the first training caption.")}),
+                "One prompt per line ([trigger] works); empty = the first training caption, and the same caption "
+                "without the trigger word.")}),
             "preview_every": ("INT", {"default": 0, "min": 0, "max": 1_000_000, "tooltip": (
                 "Sample the preview prompts every N steps. 0 = only at the end; the end is always previewed.")}),
             "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 16,
@@ -149,7 +150,7 @@ class Plan:
     captions: str
     default_caption: str
     resolutions: tuple[int, ...]
-    prompts: tuple[str, ...]  # preview prompts, trigger applied; empty = the first training caption
+    prompts: tuple[str, ...]  # preview prompts, trigger applied; empty = data.default_preview_prompts
     preview_every: int
     width: int
     height: int
@@ -211,7 +212,7 @@ def encode(plan: Plan, text_encoder, vae, images, node_id) -> tuple[list, tuple[
             captions = caption_lines(plan.captions, len(images), plan.default_caption)
             items = images_from_tensor(images, captions, ae, te, plan.resolutions, plan.config.trigger,
                                        on_progress=bar.encoding)
-        prompts = plan.prompts or (items[0].caption,)
+        prompts = plan.prompts or default_preview_prompts(items[0].caption, plan.config.trigger)
         caps = tuple(te.encode([p])[0].cpu().clone() for p in (*prompts, ""))
     return [_normal_item(i) for i in items], caps
 

@@ -34,6 +34,7 @@ from zimage_core.train import (
     load_pixels,
     read_folder,
 )
+from zimage_core.train.data import default_preview_prompts
 from zimage_core.vae import load_vae
 
 RES = (64, 128)
@@ -82,6 +83,14 @@ def test_captions_trigger_and_order(dataset):
     assert ex == [ImageCaption(dataset / "a.jpg", "the user"), ImageCaption(dataset / "b.png", "a photo of sks cat")]
     with pytest.raises(ValueError, match=r"b\.txt.*\[trigger\]"):
         read_folder(dataset)
+
+
+def test_default_preview_prompts_keep_one_without_the_trigger():
+    assert default_preview_prompts("a photo of sks cat", "sks") == ("a photo of sks cat", "a photo of cat")
+    assert default_preview_prompts("sks, portrait", "sks") == ("sks, portrait", "portrait")
+    assert default_preview_prompts("a cat", "sks") == ("a cat",)  # nothing to take out
+    assert default_preview_prompts("sks", "sks") == ("sks",)  # nothing would be left
+    assert default_preview_prompts("a photo of sks", None) == ("a photo of sks",)
 
 
 def test_missing_caption_default_or_error(dataset):

@@ -76,11 +76,16 @@ def lora_path(server, models, name: str) -> Path:
 
 
 def image(server, entry: dict, node: str) -> np.ndarray:
+    (one,) = images(server, entry, node)
+    return one
+
+
+def images(server, entry: dict, node: str) -> list[np.ndarray]:
     from PIL import Image
 
-    (saved,) = entry["outputs"][node]["images"]
-    folder = "output" if saved["type"] == "output" else "temp"
-    return np.asarray(Image.open(server.base_dir / folder / saved["subfolder"] / saved["filename"]).convert("RGB"))
+    return [np.asarray(Image.open(server.base_dir / ("output" if saved["type"] == "output" else "temp")
+                                  / saved["subfolder"] / saved["filename"]).convert("RGB"))
+            for saved in entry["outputs"][node]["images"]]
 
 
 def trainer_progress(ws, node: str = TRAINER) -> list[tuple[int, int]]:
@@ -118,8 +123,10 @@ def test_workflow_trains_reports_progress_and_saves_a_loadable_lora(host, traine
                                                                                   str(STEPS))
     assert meta["zimage_train.trigger"] == "zxq" and meta["zimage_train.base_mode"] == "base"
     assert len(lora.patches) > 0 and not lora.unmatched
-    curve, previews = image(server, entry, CURVE), image(server, entry, PREVIEWS)
-    assert curve.shape == previews.shape == (SIDE, SIDE, 3) and curve.std() > 1  # a drawn curve, not a flat image
+    curve, previews = image(server, entry, CURVE), images(server, entry, PREVIEWS)
+    assert curve.shape == (SIDE, SIDE, 3) and curve.std() > 1  # a drawn curve, not a flat image
+    # no preview prompts: the end's preview of the caption and of the caption without the trigger word
+    assert len(previews) == 2 and all(p.shape == (SIDE, SIDE, 3) for p in previews)
 
 
 def comparison_prompt(lora_name: str) -> dict:

@@ -233,9 +233,10 @@ async function drive(page) {
   for (const out of result.ui_outputs) {
     const shown = await page
       .waitForFunction(({ node, filename }) => {
-        const img = window.app.graph.getNodeById(node)?.imgs?.find((i) => i.src.includes('/view?'))
-        const src = img && new URL(img.src)
-        if (!src || src.searchParams.get('filename') !== filename || !img.complete || !img.naturalWidth) return null
+        // a batch: the node holds one <img> per image (it draws them as a grid or one at a time)
+        const img = window.app.graph.getNodeById(node)?.imgs?.find((i) => i.src.includes('/view?')
+          && new URL(i.src).searchParams.get('filename') === filename)
+        if (!img || !img.complete || !img.naturalWidth) return null
         return { node, filename, width: img.naturalWidth, height: img.naturalHeight }
       }, out, { timeout: 20000, polling: 250 })
       .then((h) => h.jsonValue())

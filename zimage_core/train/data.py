@@ -106,6 +106,15 @@ def apply_trigger(caption: str, trigger: str | None, where: object = "caption") 
     return caption.replace(TRIGGER, trigger)
 
 
+def default_preview_prompts(caption: str, trigger: str | None) -> tuple[str, ...]:
+    """Previews when none were asked for: the first training caption and, if it holds the trigger word, the same
+    caption without it (what the LoRA does to the rest of the model: the prompt without the trigger should stay)."""
+    if not trigger or trigger not in caption:
+        return (caption,)
+    plain = " ".join(caption.replace(trigger, " ").split()).strip(" ,")
+    return (caption, plain) if plain else (caption,)
+
+
 def class_caption(caption: str, trigger: str | None, dop_class: str, where: object = "caption") -> str:
     """DOP's class prompt: every occurrence of the trigger word replaced by the class word (AI Toolkit's rule)."""
     if not trigger:
