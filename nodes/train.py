@@ -14,6 +14,8 @@ Host conventions handled here:
   exception itself (clearing the flag), so the hook is called inside a guard that turns the exception into a stop
   request: the trainer then writes its resumable checkpoint, and the node raises the interrupt again afterwards,
   so the run ends as "interrupted" with the files in place.
+- Z-Image Train Options (optional input `options`) carries the advanced TrainConfig fields as a checked dict;
+  without it they keep TrainConfig's defaults.
 - Files go to a fresh run folder in models/loras: `<output_name>_00001_/<output_name>_<step:06d>.safetensors` (and
   `.state.safetensors`), the counter going up per run (nodes/lora.py's rule): a run never overwrites another's.
 """
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import comfy.latent_formats
@@ -35,7 +37,8 @@ from torch import nn
 
 from ..zimage_core import ImageSize
 from ..zimage_core.train import BaseMode, TimestepSampling, TrainConfig, build_items, images_from_tensor, read_folder
-from ..zimage_core.train.data import apply_trigger, default_preview_prompts
+from ..zimage_core.train.config import LRSchedule, OptimizerKind
+from ..zimage_core.train.data import apply_trigger, class_caption, default_preview_prompts
 from ..zimage_core.train.inputs import (
     caption_lines,
     inside,
@@ -44,14 +47,17 @@ from ..zimage_core.train.inputs import (
     prompt_lines,
     relative_name,
 )
-from ..zimage_core.train.loop import read_adapter, read_state, train_lora
+from ..zimage_core.train.loop import check_optimizer, read_adapter, read_state, train_lora
+from ..zimage_core.train.lora_net import TrainTargets
 from ..zimage_core.train.plot import loss_curve
 from ..zimage_core.train.previews import Previews
+from ..zimage_core.train.timesteps import NoiseBias
 from . import _host as host
 from ._hosting import with_loras
 from .lora import free_path, plain_name, save_folder
 
 NO_ADAPTER = "none"
+TRAIN_OPTIONS = "ZIMAGE_TRAIN_OPTIONS"  # a dict of TrainConfig fields (Z-Image Train Options → Z-Image Train LoRA)
 _MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
@@ -88,7 +94,8 @@ class ZImageTrainLora:
             "alpha": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
                                 "tooltip": "LoRA alpha (scale alpha/rank). 0 = the rank (scale 1)."}),
             "learning_rate": ("FLOAT", {"default": 0.0001, "min": 0.0, "max": 1.0, "step": 0.00001, "round": False,
-                                        "tooltip": "AdamW learning rate (constant). Must be > 0."}),
+                                        "tooltip": ("Learning rate (> 0); constant unless Z-Image Train Options sets a "
+                                                    "schedule and warm-up.")}),
             "base_mode": ([m.value for m in BaseMode], {"default": BaseMode.BASE.value, "tooltip": (
                 "base: the base Z-Image. de_turbo: a de-distilled Turbo, trained like a base. turbo_adapter: Turbo "
                 "with the training adapter (below) merged while training, removed after.")}),
@@ -123,11 +130,14 @@ class ZImageTrainLora:
             "resume": ("STRING", {"default": "", "tooltip": (
                 "Continue a run: a .state.safetensors checkpoint, relative to models/loras (e.g. "
                 "zimage_lora_00001_/zimage_lora_000500.state.safetensors). The settings must match that run's.")}),
+            "options": (TRAIN_OPTIONS, {"tooltip": (
+                "Advanced settings from Z-Image Train Options (targets, optimizer, schedule, batch, memory, DOP, "
+                "EMA, ...). Not connected: their defaults.")}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
-    def train(self, dit, text_encoder, vae, images=None, folder: str = "", resume: str = "", unique_id=None,
-              **widgets):
-        plan = make_plan(dit, images, folder, resume, widgets)
+    def train(self, dit, text_encoder, vae, images=None, folder: str = "", resume: str = "", options=None,
+              unique_id=None, **widgets):
+        plan = make_plan(dit, images, folder, resume, widgets, options or {})
         with torch.inference_mode(False):
             items, preview_caps = encode(plan, text_encoder, vae, images, unique_id)
             result = fit(dit, items, plan, preview_caps, unique_id)
@@ -138,6 +148,61 @@ class ZImageTrainLora:
         trained, _ = with_loras(dit, ((result.lora.lora_file(name), 1.0),))
         curve = torch.as_tensor(loss_curve(result.losses, plan.width, plan.height)).float()[None]  # (1, H, W, 3)
         return (trained, name, curve.to(mm.intermediate_device()), previews)
+
+
+class ZImageTrainOptions:
+    TITLE = "Z-Image Train Options"
+    CATEGORY = host.CATEGORY
+    DESCRIPTION = ("Advanced settings for Z-Image Train LoRA: what is trained, optimizer and schedule, batch, "
+                   "noise levels, memory, DOP, differential guidance and EMA. Checked here, before any training.")
+    RETURN_TYPES = (TRAIN_OPTIONS,)
+    RETURN_NAMES = ("options",)
+    FUNCTION = "options"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "targets": ([t.value for t in TrainTargets], {"default": TrainTargets.ATTN_FFN.value, "tooltip": (
+                "attn_ffn: attention and feed-forward of the main layers. attn_ffn_adaln: + their adaLN. all: + the "
+                "noise and context refiner blocks.")}),
+            "optimizer": ([o.value for o in OptimizerKind], {"default": OptimizerKind.ADAMW.value, "tooltip": (
+                "adamw; adamw_8bit (needs bitsandbytes, less optimizer memory); adafactor.")}),
+            "lr_schedule": ([s.value for s in LRSchedule], {"default": LRSchedule.CONSTANT.value, "tooltip": (
+                "constant, or cosine / linear decay to 0 at the last step (after the warm-up).")}),
+            "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 1_000_000,
+                                     "tooltip": "Steps of linear warm-up from 0 to the learning rate."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                                   "tooltip": "Images per step (of one aspect-ratio bucket)."}),
+            "grad_accumulation": ("INT", {"default": 1, "min": 1, "max": 1024,
+                                          "tooltip": "Batches whose gradients add up to one optimizer step."}),
+            "shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 100.0, "step": 0.1,
+                                "tooltip": "The shift of timestep_sampling shift (musubi-tuner's 3)."}),
+            "noise_bias": ([b.value for b in NoiseBias], {"default": NoiseBias.BALANCED.value, "tooltip": (
+                "Lean the drawn noise levels toward high noise (composition) or low noise (detail).")}),
+            "caption_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01, "tooltip": (
+                "Probability of training an image on the empty caption.")}),
+            "differential_guidance_scale": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.1,
+                                                      "tooltip": "0 = off; AI Toolkit uses 3 when on."}),
+            "dop_class": ("STRING", {"default": "", "tooltip": (
+                "Differential output preservation: a class word (e.g. person). The prompt with the trigger word "
+                "replaced by it keeps the base model's output. Empty = off; needs the trigger in every caption.")}),
+            "dop_multiplier": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                                         "tooltip": "Weight of the DOP term."}),
+            "ema_decay": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.9999, "step": 0.0001, "round": False,
+                                    "tooltip": "0 = off; else the saved LoRA is an EMA of the weights (e.g. 0.99)."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": (
+                "Recompute each block in the backward: much less activation memory, about a third slower.")}),
+            "blocks_to_swap": ("INT", {"default": 0, "min": 0, "max": 29, "tooltip": (
+                "Keep the last N main layers in CPU memory and copy each in when it runs (needs "
+                "gradient_checkpointing). For 12-16 GB GPUs.")}),
+        }}
+
+    def options(self, lr_schedule: str, **widgets) -> tuple[dict]:
+        values = {**widgets, "scheduler": lr_schedule}
+        # bad values are this node's error, before any training; the trigger word is the trainer's (a stand-in here)
+        config = TrainConfig(**values, trigger="trigger")
+        check_optimizer(config.optimizer)
+        return (values,)
 
 
 @dataclass(frozen=True)
@@ -157,7 +222,7 @@ class Plan:
     lora_root: Path
 
 
-def make_plan(dit, images, folder: str, resume: str, w: dict) -> Plan:
+def make_plan(dit, images, folder: str, resume: str, w: dict, options: dict) -> Plan:
     """All cheap checks, in the order a user would fix them."""
     if dit.loras:
         raise ValueError(f"dit carries {len(dit.loras)} Z-Image LoRA(s): train on the base DiT straight from "
@@ -173,7 +238,7 @@ def make_plan(dit, images, folder: str, resume: str, w: dict) -> Plan:
         learning_rate=w["learning_rate"], timestep_sampling=w["timestep_sampling"], save_every=w["save_every"],
         keep_last=w["keep_last"], seed=w["seed"], trigger=w["trigger"].strip(), name=name,
         adapter_path=None if adapter == NO_ADAPTER else folder_paths.get_full_path_or_raise("loras", adapter),
-        output_dir=free_path(lora_root, name, ""))
+        output_dir=free_path(lora_root, name, ""), **options)
     if config.base_mode is BaseMode.TURBO_ADAPTER:
         read_adapter(config)  # another model's LoRA fails here, before any encoding
     state = None
@@ -193,9 +258,12 @@ def make_plan(dit, images, folder: str, resume: str, w: dict) -> Plan:
     ImageSize(w["width"], w["height"])  # previews and loss curve: multiples of 16
     prompts = tuple(apply_trigger(p, config.trigger, where="preview_prompts")
                     for p in prompt_lines(w["preview_prompts"]))
-    if images is not None:
-        for caption in caption_lines(w["captions"], len(images), w["default_caption"]):
-            apply_trigger(caption, config.trigger, where="captions")
+    captions = ([apply_trigger(c, config.trigger, where="captions")
+                 for c in caption_lines(w["captions"], len(images), w["default_caption"])]
+                if images is not None else [example.caption for example in examples])
+    if config.dop_class:  # DOP needs the trigger word in every caption, to put the class word in its place
+        for caption in captions:
+            class_caption(caption, config.trigger, config.dop_class, where="captions")
     return Plan(config, state, examples, w["captions"], w["default_caption"],
                 parse_resolutions(w["resolutions"]), prompts, w["preview_every"], w["width"], w["height"], lora_root)
 
@@ -207,11 +275,12 @@ def encode(plan: Plan, text_encoder, vae, images, node_id) -> tuple[list, tuple[
     te, ae = text_encoder.ready(), vae.ready()
     with torch.no_grad():
         if plan.examples is not None:
-            items = build_items(plan.examples, ae, te, plan.resolutions, on_progress=bar.encoding)
+            items = build_items(plan.examples, ae, te, plan.resolutions, on_progress=bar.encoding,
+                                dop_class=plan.config.dop_class, trigger=plan.config.trigger)
         else:
             captions = caption_lines(plan.captions, len(images), plan.default_caption)
             items = images_from_tensor(images, captions, ae, te, plan.resolutions, plan.config.trigger,
-                                       on_progress=bar.encoding)
+                                       on_progress=bar.encoding, dop_class=plan.config.dop_class)
         prompts = plan.prompts or default_preview_prompts(items[0].caption, plan.config.trigger)
         caps = tuple(te.encode([p])[0].cpu().clone() for p in (*prompts, ""))
     return [_normal_item(i) for i in items], caps
@@ -227,7 +296,8 @@ def fit(dit, items: list, plan: Plan, preview_caps: tuple, node_id):
     progress = Progress(steps, node_id, dit.device)
     with torch.enable_grad():
         return train_lora(core, items, plan.config, on_step=progress.step, should_stop=progress.should_stop,
-                          resume=plan.resume, previews=previews, on_preview=progress.preview)
+                          resume=plan.resume, empty_caption=preview_caps[-1], previews=previews,
+                          on_preview=progress.preview)
 
 
 def decode_previews(vae, previews: list) -> torch.Tensor:
@@ -280,7 +350,9 @@ class Progress:
 
 
 def _normal_item(item):
-    return type(item)(item.latent.clone(), item.caption_features.clone(), item.caption, item.bucket, item.key)
+    kept = item.preservation_features
+    return replace(item, latent=item.latent.clone(), caption_features=item.caption_features.clone(),
+                   preservation_features=None if kept is None else kept.clone())
 
 
 def _normal_tensors(module: nn.Module) -> None:
@@ -294,4 +366,4 @@ def _normal_tensors(module: nn.Module) -> None:
                 m._buffers[name] = b.clone()
 
 
-NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (ZImageTrainLora,)}
+NODE_CLASS_MAPPINGS = {cls.__name__: cls for cls in (ZImageTrainLora, ZImageTrainOptions)}

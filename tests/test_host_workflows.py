@@ -47,7 +47,7 @@ from zimage_fixtures import comfy_state_dict, diffusers_dit
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 OUR_NODES = {"ZImageDiTLoader", "ZImageTextEncoderLoader", "ZImageVAELoader", "ZImageTextEncode", "ZImageSampler",
              "ZImageVAEDecode", "ZImageVAEEncode", "ZImageDiTToModel", "ZImageLoraLoader", "ZImageLoraInspect",
-             "ZImageLoraConvert", "ZImageSaveMergedDiT", "ZImageTrainLora"}
+             "ZImageLoraConvert", "ZImageSaveMergedDiT", "ZImageTrainLora", "ZImageTrainOptions"}
 IMAGE_OUTPUTS = {"SaveImage", "PreviewImage"}
 TEXT_OUTPUTS = {"PreviewAny", "ZImageLoraInspect", "ZImageLoraConvert", "ZImageSaveMergedDiT"}  # {"ui": {"text": …}}
 SIZE, SEED, STEPS = ImageSize(64, 64), 42, 8
@@ -89,11 +89,15 @@ def turbo_prompt(seed: int = SEED, **changes) -> dict:
 
 
 def saved_image(server, entry: dict, node: str = "8") -> np.ndarray:
+    (image,) = saved_images(server, entry, node)
+    return image
+
+
+def saved_images(server, entry: dict, node: str) -> list[np.ndarray]:
     from PIL import Image
 
-    (image,) = entry["outputs"][node]["images"]
-    path = server.base_dir / "output" / image["subfolder"] / image["filename"]
-    return np.asarray(Image.open(path).convert("RGB"))
+    return [np.asarray(Image.open(server.base_dir / "output" / image["subfolder"] / image["filename"]).convert("RGB"))
+            for image in entry["outputs"][node]["images"]]
 
 
 def test_host_lists_every_node_and_imports_the_pack(host):
@@ -267,7 +271,8 @@ def test_every_api_workflow_runs_in_the_host(host, workflow):
     texts = [k for k, v in prompt.items() if v["class_type"] in TEXT_OUTPUTS]
     assert savers + texts and set(savers + texts) <= set(entry["outputs"])
     for node in savers:
-        assert saved_image(server, entry, node).shape == (SIZE.height, SIZE.width, 3), workflow
+        images = saved_images(server, entry, node)
+        assert images and all(i.shape == (SIZE.height, SIZE.width, 3) for i in images), workflow
     for node in texts:
         assert entry["outputs"][node]["text"][0].strip(), (workflow, node)
 

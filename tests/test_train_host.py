@@ -11,7 +11,9 @@ test VAE does not decode back to the image), and (a), (b) and the in-graph sampl
 POST /interrupt during a long run ends it "interrupted" with a LoRA and a resumable state on disk; resuming from
 that state through the node continues to the new total. Bad input (steps 0, a NaN learning rate, a Flux LoRA as
 training adapter, an empty folder, a folder with '..', a resume state of another rank) is a rejected prompt or a
-node error naming it, raised before any training, and the server keeps serving.
+node error naming it, raised before any training, and the server keeps serving. Z-Image Train Options: every
+advanced setting reaches the saved LoRA's config and trains in the host (with an fp8 DiT too); a bad one is that
+node's error.
 Breaks on a trainer that cannot run under ComfyUI's inference mode, a LoRA file ComfyUI's loader cannot map, a lost
 interrupt (no checkpoint) or one reported as an error, or checks that run only after encoding/training started.
 """
@@ -260,3 +262,60 @@ def test_bad_inputs_fail_before_training_and_the_server_recovers(host):
     assert entry["status"]["status_str"] == "success", entry["status"]
     lora = read_lora(lora_path(server, models, entry["outputs"][NAME]["text"][0]))
     assert lora.metadata["ss_steps"] == "2" and lora.metadata["ss_num_train_images"] == "1"
+
+
+def with_options(prompt: dict, **options) -> dict:
+    """`prompt` with a Z-Image Train Options node (node "20", defaults + `options`) feeding the trainer."""
+    prompt["20"] = {"class_type": "ZImageTrainOptions", "inputs": OPTION_DEFAULTS | options}
+    prompt[TRAINER]["inputs"]["options"] = ["20", 0]
+    return prompt
+
+
+OPTION_DEFAULTS = {"targets": "attn_ffn", "optimizer": "adamw", "lr_schedule": "constant", "warmup_steps": 0,
+                   "batch_size": 1, "grad_accumulation": 1, "shift": 3.0, "noise_bias": "balanced",
+                   "caption_dropout": 0.0, "differential_guidance_scale": 0.0, "dop_class": "", "dop_multiplier": 1.0,
+                   "ema_decay": 0.0, "gradient_checkpointing": False, "blocks_to_swap": 0}
+
+
+def test_train_options_reach_the_trainer(host):
+    """Every advanced option set away from its default lands in the saved LoRA's config; DOP, EMA, caption dropout
+    (empty caption from the node), checkpointing, block swap and the ALL targets run in the host, and so does an
+    fp8 DiT from Z-Image DiT Loader."""
+    server, models = host
+    info = server.get("/object_info/ZImageTrainOptions")["ZImageTrainOptions"]["input"]["required"]
+    assert {k: v[1]["default"] for k, v in info.items()} == OPTION_DEFAULTS  # the test's table is the node's
+    changed = {"targets": "all", "optimizer": "adafactor", "lr_schedule": "cosine", "warmup_steps": 1,
+               "batch_size": 2, "grad_accumulation": 2, "shift": 2.0, "noise_bias": "high_noise",
+               "caption_dropout": 0.2, "differential_guidance_scale": 3.0, "dop_class": "person",
+               "dop_multiplier": 0.5, "ema_decay": 0.9, "gradient_checkpointing": True, "blocks_to_swap": 1}
+    assert set(changed) == set(OPTION_DEFAULTS)
+    prompt = with_options(trainer_only(steps=3, output_name="options", captions="a photo of [trigger]"), **changed)
+    entry = run(server, prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    lora = read_lora(lora_path(server, models, entry["outputs"][NAME]["text"][0]))
+    saved = json.loads(lora.metadata["zimage_train.config"])
+    expected = {("scheduler" if k == "lr_schedule" else k): v for k, v in changed.items()}
+    assert {k: saved[k] for k in expected} == expected, saved
+    assert any(p.module.startswith("noise_refiner.") for p in lora.patches), "targets all trains the refiners"
+    # the 12–16 GB set-up: fp8 weights from the loader, checkpointing and block swap from the options
+    fp8 = with_options(trainer_only(steps=2, output_name="fp8"), gradient_checkpointing=True, blocks_to_swap=1)
+    fp8["1"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
+    entry = run(server, fp8)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert read_lora(lora_path(server, models, entry["outputs"][NAME]["text"][0])).metadata["ss_steps"] == "2"
+
+
+def test_bad_options_are_the_options_node_error(host):
+    server, _ = host
+    cases = [({"blocks_to_swap": 2}, "needs gradient_checkpointing"),
+             ({"dop_class": "person"}, None)]  # DOP without the trigger in a caption: the trainer's error
+    for options, says in cases:
+        prompt = with_options(trainer_only(steps=2, captions="a photo of a cat"), **options)
+        errors = [m[1] for m in run(server, prompt)["status"]["messages"] if m[0] == "execution_error"]
+        assert len(errors) == 1, errors
+        print("node error:", errors[0]["node_type"], errors[0]["exception_message"])
+        if says is not None:
+            assert errors[0]["node_type"] == "ZImageTrainOptions" and says in errors[0]["exception_message"]
+        else:
+            assert errors[0]["node_type"] == "ZImageTrainLora"
+            assert "DOP needs the trigger word 'zxq' in every caption" in errors[0]["exception_message"]

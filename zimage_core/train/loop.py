@@ -20,6 +20,7 @@ ComfyUI format) and `<name>_<step:06d>.state.safetensors` (the resume state; saf
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import re
@@ -118,6 +119,7 @@ def check_items(dit: nn.Module, items: Sequence[TrainItem], config: TrainConfig,
                 empty_caption: torch.Tensor | None) -> None:
     if not items:
         raise ValueError("train_lora: no training items")
+    check_optimizer(config.optimizer)
     channels, cap_dim = dit.cfg.in_channels, dit.cfg.cap_feat_dim
     if config.blocks_to_swap > dit.cfg.n_layers - 1:
         raise ValueError(f"blocks_to_swap {config.blocks_to_swap}: this DiT has {dit.cfg.n_layers} layers, at most "
@@ -406,16 +408,21 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> 
     return {"state": state, "param_groups": json.loads(meta["optim_groups"])}
 
 
+def check_optimizer(kind: OptimizerKind) -> None:
+    """An optimizer this Python can build, or an ImportError saying what to install (checked before any work)."""
+    if kind is OptimizerKind.ADAMW_8BIT and importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError("optimizer ADAMW_8BIT needs bitsandbytes (pip install bitsandbytes); "
+                          "or use ADAMW / ADAFACTOR")
+
+
 def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
     lr, wd = config.learning_rate, config.weight_decay
+    check_optimizer(config.optimizer)
     if config.optimizer is OptimizerKind.ADAMW:
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     if config.optimizer is OptimizerKind.ADAMW_8BIT:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ImportError("optimizer ADAMW_8BIT needs bitsandbytes (pip install bitsandbytes); "
-                              "or use ADAMW / ADAFACTOR") from None
+        import bitsandbytes as bnb
+
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=wd)
     from transformers.optimization import Adafactor
 
