@@ -212,8 +212,7 @@ class Plan:
     config: TrainConfig
     resume: Path | None
     examples: tuple | None  # the folder's (image, caption) pairs, read and checked; None = the images input
-    captions: str
-    default_caption: str
+    captions: tuple[str, ...]  # the images input's captions, one per image, trigger applied; () with a folder
     resolutions: tuple[int, ...]
     prompts: tuple[str, ...]  # preview prompts, trigger applied; empty = data.default_preview_prompts
     preview_every: int
@@ -258,14 +257,13 @@ def make_plan(dit, images, folder: str, resume: str, w: dict, options: dict) -> 
     ImageSize(w["width"], w["height"])  # previews and loss curve: multiples of 16
     prompts = tuple(apply_trigger(p, config.trigger, where="preview_prompts")
                     for p in prompt_lines(w["preview_prompts"]))
-    captions = ([apply_trigger(c, config.trigger, where="captions")
-                 for c in caption_lines(w["captions"], len(images), w["default_caption"])]
-                if images is not None else [example.caption for example in examples])
+    captions = () if images is None else tuple(apply_trigger(c, config.trigger, where="captions")
+                                               for c in caption_lines(w["captions"], len(images), w["default_caption"]))
     if config.dop_class:  # DOP needs the trigger word in every caption, to put the class word in its place
-        for caption in captions:
+        for caption in captions or [example.caption for example in examples]:
             class_caption(caption, config.trigger, config.dop_class, where="captions")
-    return Plan(config, state, examples, w["captions"], w["default_caption"],
-                parse_resolutions(w["resolutions"]), prompts, w["preview_every"], w["width"], w["height"], lora_root)
+    return Plan(config, state, examples, captions, parse_resolutions(w["resolutions"]), prompts, w["preview_every"],
+                w["width"], w["height"], lora_root)
 
 
 def encode(plan: Plan, text_encoder, vae, images, node_id) -> tuple[list, tuple[torch.Tensor, ...]]:
@@ -278,8 +276,7 @@ def encode(plan: Plan, text_encoder, vae, images, node_id) -> tuple[list, tuple[
             items = build_items(plan.examples, ae, te, plan.resolutions, on_progress=bar.encoding,
                                 dop_class=plan.config.dop_class, trigger=plan.config.trigger)
         else:
-            captions = caption_lines(plan.captions, len(images), plan.default_caption)
-            items = images_from_tensor(images, captions, ae, te, plan.resolutions, plan.config.trigger,
+            items = images_from_tensor(images, plan.captions, ae, te, plan.resolutions, plan.config.trigger,
                                        on_progress=bar.encoding, dop_class=plan.config.dop_class)
         prompts = plan.prompts or default_preview_prompts(items[0].caption, plan.config.trigger)
         caps = tuple(te.encode([p])[0].cpu().clone() for p in (*prompts, ""))

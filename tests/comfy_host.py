@@ -169,6 +169,20 @@ class Server:
     def watch(self, client_id: str) -> Watcher:
         return Watcher(self.url, client_id)
 
+    def images(self, entry: dict, node: str) -> list:
+        """The RGB arrays (H, W, 3) uint8 of the images a finished prompt's output `node` saved (output/ or temp/)."""
+        import numpy as np
+        from PIL import Image
+
+        return [np.asarray(Image.open(self.base_dir / ("output" if saved["type"] == "output" else "temp")
+                                      / saved["subfolder"] / saved["filename"]).convert("RGB"))
+                for saved in entry["outputs"][node]["images"]]
+
+    def image(self, entry: dict, node: str):
+        """The one image `node` saved (`images`, which must hold exactly one)."""
+        (one,) = self.images(entry, node)
+        return one
+
     def rss_bytes(self) -> int:
         """The server process's resident set (VmRSS)."""
         status = Path(f"/proc/{self.proc.pid}/status").read_text()

@@ -96,7 +96,7 @@ def test_previews_dop_ema_loss_curve_and_eta(run_dir, models, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     steps = [line for line in captured.out.splitlines() if line.startswith("step ")]
-    assert len(steps) == 3 and all(", eta " in line for line in steps) and steps[-1].endswith("eta 0s)")
+    assert len(steps) == 3 and all(", eta " in line for line in steps) and steps[-1].endswith("eta 0 s)")
     folder = run_dir / "out" / "previews"
     assert sorted(p.name for p in folder.iterdir()) == [f"zxq_{s:06d}_{i}.png" for s in (2, 3) for i in (0, 1)]
     with Image.open(folder / "zxq_000003_1.png") as im:

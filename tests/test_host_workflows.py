@@ -89,15 +89,7 @@ def turbo_prompt(seed: int = SEED, **changes) -> dict:
 
 
 def saved_image(server, entry: dict, node: str = "8") -> np.ndarray:
-    (image,) = saved_images(server, entry, node)
-    return image
-
-
-def saved_images(server, entry: dict, node: str) -> list[np.ndarray]:
-    from PIL import Image
-
-    return [np.asarray(Image.open(server.base_dir / "output" / image["subfolder"] / image["filename"]).convert("RGB"))
-            for image in entry["outputs"][node]["images"]]
+    return server.image(entry, node)
 
 
 def test_host_lists_every_node_and_imports_the_pack(host):
@@ -271,7 +263,7 @@ def test_every_api_workflow_runs_in_the_host(host, workflow):
     texts = [k for k, v in prompt.items() if v["class_type"] in TEXT_OUTPUTS]
     assert savers + texts and set(savers + texts) <= set(entry["outputs"])
     for node in savers:
-        images = saved_images(server, entry, node)
+        images = server.images(entry, node)
         assert images and all(i.shape == (SIZE.height, SIZE.width, 3) for i in images), workflow
     for node in texts:
         assert entry["outputs"][node]["text"][0].strip(), (workflow, node)

@@ -77,19 +77,6 @@ def lora_path(server, models, name: str) -> Path:
     return found[0]
 
 
-def image(server, entry: dict, node: str) -> np.ndarray:
-    (one,) = images(server, entry, node)
-    return one
-
-
-def images(server, entry: dict, node: str) -> list[np.ndarray]:
-    from PIL import Image
-
-    return [np.asarray(Image.open(server.base_dir / ("output" if saved["type"] == "output" else "temp")
-                                  / saved["subfolder"] / saved["filename"]).convert("RGB"))
-            for saved in entry["outputs"][node]["images"]]
-
-
 def trainer_progress(ws, node: str = TRAINER) -> list[tuple[int, int]]:
     return [(d["value"], d["max"]) for _, d in ws.of_type("progress") if d["node"] == node]
 
@@ -125,7 +112,7 @@ def test_workflow_trains_reports_progress_and_saves_a_loadable_lora(host, traine
                                                                                   str(STEPS))
     assert meta["zimage_train.trigger"] == "zxq" and meta["zimage_train.base_mode"] == "base"
     assert len(lora.patches) > 0 and not lora.unmatched
-    curve, previews = image(server, entry, CURVE), images(server, entry, PREVIEWS)
+    curve, previews = server.image(entry, CURVE), server.images(entry, PREVIEWS)
     assert curve.shape == (SIDE, SIDE, 3) and curve.std() > 1  # a drawn curve, not a flat image
     # no preview prompts: the end's preview of the caption and of the caption without the trigger word
     assert len(previews) == 2 and all(p.shape == (SIDE, SIDE, 3) for p in previews)
@@ -175,8 +162,8 @@ def test_trained_lora_moves_samples_toward_the_training_image_in_both_loaders(ho
     latents = {k: latent(server, compare, f"lat_{k}") for k in ("base", "ours", "native", "target")}
     dist = {k: float((latents[k] - latents["target"]).square().mean()) for k in ("base", "ours", "native")}
     print("latent MSE to the training image's latent: " + ", ".join(f"{k} {v:.4f}" for k, v in dist.items()))
-    shots = {k: image(server, compare, f"save_{k}") for k in ("ours", "native")}
-    shots["in-graph"] = image(server, entry, SAVE)
+    shots = {k: server.image(compare, f"save_{k}") for k in ("ours", "native")}
+    shots["in-graph"] = server.image(entry, SAVE)
     agree = {k: int(np.abs(shots[k].astype(int) - shots["ours"].astype(int)).max()) for k in ("native", "in-graph")}
     print(f"max level difference of the decoded images to (a): {agree}")
     assert dist["ours"] < DROP * dist["base"] and dist["native"] < DROP * dist["base"]

@@ -193,14 +193,6 @@ def _preview_saver(vae, config: TrainConfig):
     return save
 
 
-def eta_text(seconds: float) -> str:
-    """12s, 3m05s, 2h07m."""
-    s = max(0, round(seconds))
-    if s < 60:
-        return f"{s}s"
-    return f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
 def _table(path: Path, table: object, name: str, keys: dict[str, bool]) -> dict:
     if table is None:
         table = {}
@@ -239,6 +231,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .text_encoder import load_text_encoder
     from .train import build_items, empty_caption_features, read_folder, train_lora
     from .train.distributed import join_process_group, rank_device
+    from .train.inputs import duration
     from .vae import load_vae
 
     if args.log_every < 1:
@@ -284,7 +277,7 @@ def run_train(args: argparse.Namespace) -> int:
         if world.is_main and (step % every == 0 or step == config.steps or stop):
             took = time.perf_counter() - start
             eta = took / (step - first[0] + 1) * (config.steps - step)
-            print(f"step {step}/{config.steps} loss {loss:.4f} lr {lr:.3g} ({took:.1f}s, eta {eta_text(eta)})",
+            print(f"step {step}/{config.steps} loss {loss:.4f} lr {lr:.3g} ({took:.1f}s, eta {duration(eta)})",
                   flush=True)
 
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers: main thread only
