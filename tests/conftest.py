@@ -1,6 +1,7 @@
 """Shared fixtures. Tiny checkpoint writers live in zimage_fixtures.py; the ComfyUI host in comfy_host.py."""
 
 import pytest
+import torch
 
 from zimage_core import checkpoint, safetensors_file
 
@@ -24,3 +25,13 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list:
         monkeypatch.setattr(module, "read_into", read_spy)
     monkeypatch.setattr(checkpoint, "map_tensor", map_spy)
     return seen
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny ops: on a shared 2-core machine torch's thread pool (OpenMP
+    oversubscription) only costs time there, up to ~100× on a loaded machine. Use with autouse in the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

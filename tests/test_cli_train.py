@@ -14,22 +14,16 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from safetensors.torch import save_file
 
-import te_fixtures as tf
-import vae_fixtures as vf
+from train_fixtures import write_cli_models
 from zimage_core import cli, cli_train
 from zimage_core.lora import read_lora
-from zimage_fixtures import comfy_state_dict, diffusers_dit
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli_train")
-    save_file(comfy_state_dict(diffusers_dit(seed=3).state_dict()), root / "dit.safetensors")
-    save_file(tf.hf_state_dict(tf.qwen3_model(seed=4)), root / "qwen3.safetensors")
-    vf.write_bfl(vf.diffusers_vae(seed=5).state_dict(), root / "ae.safetensors")
-    tf.write_tiny_tokenizer(root / "tokenizer")
+    write_cli_models(root)
     return root
 
 

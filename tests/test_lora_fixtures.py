@@ -37,13 +37,7 @@ STRENGTH = 0.7
 BOUND = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: torch's thread pool only costs time here (×8 on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny ops, one thread
 
 
 @pytest.fixture(scope="module")

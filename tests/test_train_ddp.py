@@ -21,8 +21,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import te_fixtures as tf
-import vae_fixtures as vf
+from train_fixtures import write_cli_models
 from zimage_fixtures import comfy_state_dict, diffusers_dit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,10 +35,7 @@ CLI_TOLERANCE = 5e-3  # float32 compute: summation order × Adam (module docstri
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
-    save_file(comfy_state_dict(diffusers_dit(seed=3).state_dict()), root / "dit.safetensors")
-    save_file(tf.hf_state_dict(tf.qwen3_model(seed=4)), root / "qwen3.safetensors")
-    vf.write_bfl(vf.diffusers_vae(seed=5).state_dict(), root / "ae.safetensors")
-    tf.write_tiny_tokenizer(root / "tokenizer")
+    write_cli_models(root)
     photos = root / "photos"
     photos.mkdir()
     for name, colour in (("a", (200, 30, 90)), ("b", (10, 200, 10))):

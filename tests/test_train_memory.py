@@ -46,13 +46,7 @@ from zimage_fixtures import TINY, comfy_state_dict, diffusers_dit
 CFG4 = TINY | {"n_layers": 4, "dim": 128, "n_heads": 1, "n_kv_heads": 1}  # one head of 128: the real RoPE split
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine OpenMP oversubscription makes these tiny ops ~100× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny ops, one thread
 
 
 @pytest.fixture(scope="module")

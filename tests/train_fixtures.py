@@ -1,13 +1,29 @@
-"""Shared pieces of the trainer tests: tiny training items, a bit-exact model hash, a fixed-noise evaluation loss."""
+"""Shared pieces of the trainer tests: tiny training items, a bit-exact model hash, a fixed-noise evaluation loss,
+and the model files `python -m zimage_core train` reads (write_cli_models)."""
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+import te_fixtures as tf
+import vae_fixtures as vf
 from zimage_core.train.data import TrainItem
 from zimage_core.train.loss import flow_matching_loss
+from zimage_fixtures import comfy_state_dict, diffusers_dit
+
+
+def write_cli_models(root: Path) -> Path:
+    """root/dit.safetensors (ComfyUI single file), qwen3.safetensors, ae.safetensors (BFL) and tokenizer/: the
+    tiny random models a training TOML names, with fixed seeds."""
+    save_file(comfy_state_dict(diffusers_dit(seed=3).state_dict()), root / "dit.safetensors")
+    save_file(tf.hf_state_dict(tf.qwen3_model(seed=4)), root / "qwen3.safetensors")
+    vf.write_bfl(vf.diffusers_vae(seed=5).state_dict(), root / "ae.safetensors")
+    tf.write_tiny_tokenizer(root / "tokenizer")
+    return root
 
 
 def make_items(n: int = 2) -> list[TrainItem]:
